@@ -1,0 +1,39 @@
+# The two commands a newcomer types: `make demo` and `make test`.
+# Each sets itself up: Debian packages (as root), the virtual environment,
+# and for the ARM tier the armhf root filesystem.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-host test-arm lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml tools/setup-host.sh
+	tools/setup-host.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[desk,test]'
+	touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test-host: $(STAMP)
+	$(PY) -m pytest -q
+
+test-arm: $(STAMP)
+	emulator/qemu/run-arm-tests.sh
+
+test: lint test-host test-arm
+
+demo: $(STAMP)
+	$(VENV)/bin/edgekey demo
+
+bench: $(STAMP)
+	$(VENV)/bin/edgekey bench hal
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache out bench/results

@@ -1,0 +1,1 @@
+"""What runs on the terminal: ledger, key store, ordering, placement, routing, console."""

@@ -1,0 +1,1 @@
+"""Desk tools: the edgekey CLI, benchmarks, plots and reports."""

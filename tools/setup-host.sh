@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install the Debian packages the project needs on a fresh Debian bookworm
+# machine (run as root). Does nothing when everything is already there.
+#   python3-venv       the virtual environment under .venv
+#   qemu-user-static   runs the armhf tests (emulator/qemu/)
+#   mmdebstrap         builds the armhf root filesystem
+#   socat              joins two pty endpoints for link tests and demos
+set -euo pipefail
+need=()
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+command -v qemu-arm-static >/dev/null || need+=(qemu-user-static)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v socat >/dev/null || need+=(socat)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup-host: missing Debian packages: ${need[*]}; run 'sudo apt-get install ${need[*]}'" >&2
+    exit 1
+fi
+echo "setup-host: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
