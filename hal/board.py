@@ -10,6 +10,7 @@ the flash is reported, all at once, each naming the file and the field.
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -112,8 +113,9 @@ class Link:
     timeout_ms: int = _spec(1, 600_000, default=1000)
     pace_bytes_per_s: int = _spec(0, 1 << 30, default=0,
                                   doc="line rate enforced in software; 0 = the hardware paces")
-    max_frame_bytes: int = _spec(16, 16383, default=2048,
-                                 doc="DL/T 698.45 length field is 14 bits; the modem buffer caps it")
+    max_frame_bytes: int = _spec(
+        16, 16383, default=2048,
+        doc="DL/T 698.45 length field is 14 bits; the modem buffer caps it")
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,7 @@ def _scalar(hint: type, raw: Any, where: str, meta: Any, problems: list[str]) ->
         problems.append(f"{where}: must be a number, got nan")
         return None
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
-    if lo is not None and raw < lo or hi is not None and raw > hi:
+    if (lo is not None and raw < lo) or (hi is not None and raw > hi):
         problems.append(f"{where}: {raw!r} out of range [{lo}, {hi}]")
     if choices and raw not in choices:
         problems.append(f"{where}: {raw!r} is not one of {', '.join(choices)}")
@@ -288,7 +290,7 @@ def _check_board(b: Board, problems: list[str]) -> None:
         if p.offset_mib + p.size_mib > fl.size_mib:
             problems.append(f"{where}: {p.name!r} ends at {p.offset_mib + p.size_mib} MiB, "
                             f"beyond the {fl.size_mib} MiB flash")
-    for (_, end_a, ia, na), (start_b, _, ib, nb) in zip(spans, spans[1:], strict=False):
+    for (_, end_a, ia, na), (start_b, _, ib, nb) in itertools.pairwise(spans):
         if start_b < end_a:
             problems.append(f"flash.partitions[{ib}]: {nb!r} overlaps partition [{ia}] {na!r}")
     if b.plc.rate_min_kbyte_s > b.plc.rate_max_kbyte_s:
