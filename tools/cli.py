@@ -1,0 +1,103 @@
+"""The ``edgekey`` command: a tree of subcommands, each with its own ``-h``.
+
+Handlers return 0 or a non-zero status and print errors as one clear line
+(Zephyr's shell habit); nothing here is needed on the terminal itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from hal.blockdev import FlashError
+from hal.board import BoardConfigError
+from hal.recordlog import LogError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _board_check(args: argparse.Namespace) -> int:
+    from agent.__main__ import main as agent_main
+
+    status = 0
+    for name in args.boards:
+        status = max(status, agent_main(["--board", name, "--check"]))
+    return status
+
+
+def _bench_hal(args: argparse.Namespace) -> int:
+    from tools import bench_hal
+    from tools.report import table, write_json
+
+    result = bench_hal.run(size_mib=args.size_mib, record_bytes=args.record_bytes,
+                           batch=args.batch, durable=args.durable, workdir=args.workdir,
+                           board=args.board, frames=args.frames)
+    path = write_json(result, args.out)
+    print(table(bench_hal.rows(result), f"edgekey bench hal ({result['machine']['arch']}, "
+                                        f"python {result['machine']['python']})"))
+    print(f"\nJSON: {path}")
+    return 0
+
+
+def _flash(args: argparse.Namespace) -> int:
+    from tools import flash_tool
+
+    return flash_tool.run(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tools import demo
+
+    return demo.run(args.out, board=args.board)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgekey",
+        description="Distributed key management for smart meters on edge terminals: "
+                    "desk tools for boards, flash images, benchmarks and the demo.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    board = sub.add_parser("board", help="board configs").add_subparsers(
+        dest="board_cmd", metavar="SUBCOMMAND", required=True)
+    check = board.add_parser("check", help="validate board files (name or path)")
+    check.add_argument("boards", nargs="+", metavar="BOARD")
+    check.set_defaults(handler=_board_check)
+
+    bench = sub.add_parser("bench", help="benchmarks: JSON plus a printed table").add_subparsers(
+        dest="bench_cmd", metavar="SUITE", required=True)
+    hal = bench.add_parser("hal", help="record log on a flash image, recovery scan, frame codec")
+    hal.add_argument("--size-mib", type=int, default=1024, help="ledger partition size")
+    hal.add_argument("--record-bytes", type=int, default=256)
+    hal.add_argument("--batch", type=int, default=256, help="records per group commit")
+    hal.add_argument("--durable", type=int, default=2000, help="one-sync-each appends to time")
+    hal.add_argument("--frames", type=int, default=20000, help="frames to encode and decode")
+    hal.add_argument("--board", default="pl-terminal", help="board whose erase block to use")
+    hal.add_argument("--workdir", default=None, help="where the image goes (default: $TMPDIR)")
+    hal.add_argument("--out", default="bench/results/hal.json")
+    hal.set_defaults(handler=_bench_hal)
+
+    from tools import flash_tool
+
+    flash_tool.add_parser(sub, _flash)
+
+    demo = sub.add_parser("demo", help="the HAL at work on one terminal's flash image and link")
+    demo.add_argument("--board", default="host")
+    demo.add_argument("--out", default="out/demo", help="folder for the flash image")
+    demo.set_defaults(handler=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (BoardConfigError, FlashError, LogError) as exc:
+        print(f"edgekey: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Benchmark results: JSON on disk and a two-column table on the terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def table(rows: list[tuple[str, str]], title: str = "") -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [title, "-" * len(title)] if title else []
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
