@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from hal.blockdev import FlashError
 from hal.board import BoardConfigError
+from hal.link import LinkError
 from hal.recordlog import LogError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (BoardConfigError, FlashError, LogError) as exc:
+    except (BoardConfigError, FlashError, LogError, LinkError) as exc:
         print(f"edgekey: {exc}", file=sys.stderr)
         return 1
 
