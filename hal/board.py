@@ -4,13 +4,14 @@ A board file (``board_configs/*.toml``) holds a board's numbers: CPU, RAM
 and the agent's share of it, flash geometry and partitions, UARTs and links,
 PLC and WAN rates. Code reads these numbers and never tests a board's name
 (Zephyr's rule). The loader is strict: every unknown key, missing field,
-wrong type, out-of-range value, and partition that overlaps another or leaves
-the flash is reported, all at once, each naming the file and the field.
+wrong type and out-of-range value is reported at once, each naming the file
+and the field; once every field is valid, the rules that span fields
+(budget within RAM, partitions that overlap or leave the flash) are checked
+and reported together in the same way.
 """
 
 from __future__ import annotations
 
-import itertools
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -185,6 +186,8 @@ def parse_board(text: str, source: str = "<memory>") -> Board:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise BoardConfigError(source, [f"not valid TOML: {exc}"]) from exc
+    except RecursionError as exc:  # tomllib recurses once per nesting level
+        raise BoardConfigError(source, ["not valid TOML: values nested too deeply"]) from exc
     problems: list[str] = []
     board = _build(Board, table, "", problems, skip=("source",))
     if board is not None:
@@ -290,8 +293,10 @@ def _check_board(b: Board, problems: list[str]) -> None:
         if p.offset_mib + p.size_mib > fl.size_mib:
             problems.append(f"{where}: {p.name!r} ends at {p.offset_mib + p.size_mib} MiB, "
                             f"beyond the {fl.size_mib} MiB flash")
-    for (_, end_a, ia, na), (start_b, _, ib, nb) in itertools.pairwise(spans):
-        if start_b < end_a:
+    for k, (_, end_a, ia, na) in enumerate(spans):
+        for start_b, _, ib, nb in spans[k + 1:]:
+            if start_b >= end_a:
+                break  # sorted by start: no later partition reaches back into this one
             problems.append(f"flash.partitions[{ib}]: {nb!r} overlaps partition [{ia}] {na!r}")
     if b.plc.rate_min_kbyte_s > b.plc.rate_max_kbyte_s:
         problems.append("plc.rate_min_kbyte_s: exceeds plc.rate_max_kbyte_s")
