@@ -131,6 +131,7 @@ class LogStats:
     erase_min: int
     erase_max: int
     erase_mean: float
+    index_bytes: int  # RAM the record-id index takes: 4 bytes a record, plus segments
 
 
 @dataclass
@@ -579,7 +580,9 @@ class RecordLog:
             segment_bytes=self.segment_bytes, segments=self.segment_count,
             used_segments=len(self._segments), free_segments=len(self._free),
             payload_bytes_free=tail_free + usable * (self.segment_bytes - DATA_START - REC_HEADER),
-            erase_min=min(wear), erase_max=max(wear), erase_mean=sum(wear) / len(wear))
+            erase_min=min(wear), erase_max=max(wear), erase_mean=sum(wear) / len(wear),
+            index_bytes=sum(s.offsets.buffer_info()[1] * s.offsets.itemsize
+                            for s in self._segments))
 
 
 def _find_valid_record(buf: memoryview, start: int, limit: int) -> int | None:

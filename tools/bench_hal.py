@@ -128,8 +128,10 @@ def run(size_mib: int = 1024, record_bytes: int = 256, batch: int = 256,
             out["append_group_commit"] = _fill(log, record_bytes, batch, size_mib * MIB)
             st = log.stats()
             out["partition"] = {"records": st.records, "used_segments": st.used_segments,
+                                "index_mib": st.index_bytes / MIB,
                                 "fill_ratio": st.records * record_size(record_bytes)
                                 / (size_mib * MIB)}
+            del log
         for label, cold in (("recovery_scan_warm", False), ("recovery_scan_cold", True)):
             dropped = _drop_cache(img) if cold else False
             with FileBlockDevice(img, erase_block) as dev:
@@ -163,6 +165,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                       f"{p['erase_block_bytes'] // 1024} KiB erase blocks"),
         ("format (erase all segments)", f"{r['format']['seconds']:.2f} s"),
         ("records to fill", f"{a['records']:,} ({r['partition']['fill_ratio']:.1%} of flash)"),
+        ("record-id index in RAM", f"{r['partition']['index_mib']:.1f} MiB"),
         (f"append, group commit ({p['batch']}/sync)",
          f"{a['records_per_s']:,.0f} rec/s, {a['payload_mb_per_s']:.1f} MB/s payload, "
          f"{a['flash_mb_per_s']:.1f} MB/s flash"),
