@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-host test-arm lint demo bench clean
+.PHONY: setup test test-host test-arm lint demo bench bench-arm clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/edgekey bench hal
+
+# The same benchmark on the terminal's interpreter under qemu-arm-static (smaller partition).
+bench-arm: $(STAMP)
+	emulator/qemu/arm-python.sh -m tools.cli bench hal --size-mib 64 --durable 300 \
+		--frames 2000 --out bench/results/hal-armhf.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out bench/results

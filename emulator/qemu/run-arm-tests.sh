@@ -14,29 +14,9 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 checkout=$(cd "$here/../.." && pwd -P)
 
-rootfs=$(bash "$here/build-rootfs.sh" | tail -n1)
-[ -x "$rootfs/usr/bin/python3" ] || { echo "run-arm-tests: no python3 in '$rootfs'" >&2; exit 1; }
-
-# qemu -L serves every absolute path that exists inside the root filesystem
-# from there (e.g. /tmp): the checkout and the test scratch space must not.
 scratch=$checkout/.cache/arm-tmp
-for p in "$checkout" "$scratch"; do
-    if [ -e "$rootfs$p" ]; then
-        echo "run-arm-tests: $p also exists inside $rootfs; qemu -L would redirect it" >&2
-        exit 1
-    fi
-done
 rm -rf "$scratch"
-mkdir -p "$scratch/tmp"
-
-# The emulated interpreter, with nothing of the host's Python setup leaking in.
-unset_python_vars=()
-for v in $(compgen -e | grep '^PYTHON' || true); do unset_python_vars+=(-u "$v"); done
-arm_python=(env "${unset_python_vars[@]}"
-    PYTHONPATH="$checkout" PYTHONNOUSERSITE=1 PYTHONUTF8=1 LC_ALL=C.UTF-8
-    TMPDIR="$scratch/tmp" HYPOTHESIS_STORAGE_DIRECTORY="$checkout/.cache/arm-hypothesis"
-    EDGEKEY_EMULATED=qemu-user
-    qemu-arm-static -L "$rootfs" "$rootfs/usr/bin/python3")
+arm_python=(env EDGEKEY_ARM_SCRATCH="$scratch" bash "$here/arm-python.sh")
 
 cd "$checkout"
 timeout --foreground -k 10 300 "${arm_python[@]}" -c '
@@ -45,7 +25,7 @@ from importlib.metadata import version
 print("emulated platform: %s, python %s, numpy %s, cryptography %s, pyserial %s, pytest %s, hypothesis %s"
       % (platform.machine(), platform.python_version(), version("numpy"), version("cryptography"),
          version("pyserial"), version("pytest"), version("hypothesis")))
-' || { echo "run-arm-tests: the emulated python3 did not start (rootfs $rootfs)" >&2; exit 1; }
+' || { echo "run-arm-tests: the emulated python3 did not start" >&2; exit 1; }
 
 status=0
 timeout --foreground -k 30 "${EDGEKEY_ARM_TIMEOUT:-3600}" \
