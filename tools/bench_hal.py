@@ -180,5 +180,5 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
          f"{fc['encode_frames_per_s']:,.0f} frames/s, {fc['encode_mb_per_s']:.1f} MB/s"),
         ("frame decode", f"{fc['decode_frames_per_s']:,.0f} frames/s, "
                          f"{fc['decode_mb_per_s']:.1f} MB/s"),
-        ("peak RSS", f"{r['peak_rss_mib']:.0f} MiB"),
+        ("peak RSS of the whole bench process", f"{r['peak_rss_mib']:.0f} MiB"),
     ]
