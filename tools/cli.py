@@ -41,6 +41,25 @@ def _bench_hal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_placement(args: argparse.Namespace) -> int:
+    from tools import bench_placement
+    from tools.report import table, write_json
+
+    sizes = [int(float(x)) for x in args.sizes.split(",")]
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(bench_placement.METHODS)
+    if unknown:
+        print(f"edgekey: unknown method(s) {', '.join(sorted(unknown))}; "
+              f"known: {', '.join(bench_placement.METHODS)}", file=sys.stderr)
+        return 2
+    results = bench_placement.run(sizes, methods, args.seed, args.limit_s)
+    path = write_json({"cap": bench_placement.CAP, "margin": bench_placement.MARGIN,
+                       "seed": args.seed, "limit_s": args.limit_s, "runs": results}, args.out)
+    print(table(bench_placement.rows(results), "edgekey bench placement"))
+    print(f"\nJSON: {path}")
+    return 0
+
+
 def _flash(args: argparse.Namespace) -> int:
     from tools import flash_tool
 
@@ -78,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     hal.add_argument("--workdir", default=None, help="where the image goes (default: $TMPDIR)")
     hal.add_argument("--out", default="bench/results/hal.json")
     hal.set_defaults(handler=_bench_hal)
+
+    pl = bench.add_parser("placement", help="planning runtime and peak RSS at scale, ours "
+                                            "vs scikit-learn KMeans and FasterPAM")
+    pl.add_argument("--sizes", default="1e4,1e5,1e6,1e7", help="comma-separated meter counts")
+    pl.add_argument("--methods", default="ours,sklearn-kmeans,fasterpam")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--limit-s", type=float, default=900.0, help="time limit of one run")
+    pl.add_argument("--out", default="bench/results/placement.json")
+    pl.set_defaults(handler=_bench_placement)
 
     from tools import flash_tool
 
