@@ -31,8 +31,11 @@ class PlanMetrics:
 
 
 def loads(assign: np.ndarray, terminals: int) -> np.ndarray:
-    """Meters per terminal, terminals without meters included."""
-    return np.bincount(np.asarray(assign, dtype=np.int64), minlength=terminals)
+    """Meters per terminal, terminals without meters included.
+
+    ``np.intp``: bincount refuses int64 input on 32-bit ARM (numpy 1.24).
+    """
+    return np.bincount(np.asarray(assign, dtype=np.intp), minlength=terminals)
 
 
 def plan_metrics(points: object, assign: object, sites: object,
@@ -40,7 +43,7 @@ def plan_metrics(points: object, assign: object, sites: object,
     """Metrics of an assignment of ``points`` to terminals sited at ``sites`` (k, 2)."""
     pts = as_points(points)
     site_xy = as_points(sites, "sites")
-    a = np.asarray(assign, dtype=np.int64)
+    a = np.asarray(assign, dtype=np.intp)
     if a.shape != (len(pts),):
         raise ValueError(f"assign must have shape ({len(pts)},), got {a.shape}")
     if len(a) and (a.min() < 0 or a.max() >= len(site_xy)):
