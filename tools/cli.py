@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     flash_tool.add_parser(sub, _flash)
 
+    from tools import plan_cmd
+
+    plan_cmd.add_parser(sub)
+
     demo = sub.add_parser("demo", help="the HAL at work on one terminal's flash image and link")
     demo.add_argument("--board", default="host")
     demo.add_argument("--out", default="out/demo", help="folder for the flash image")
