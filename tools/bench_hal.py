@@ -23,16 +23,9 @@ from tqdm import tqdm
 from hal.blockdev import FileBlockDevice
 from hal.board import board_path, load_board
 from hal.recordlog import PartitionFullError, RecordLog, record_size
+from tools.report import peak_rss_mib
 
 MIB = 1024 * 1024
-
-
-def _rss_peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _drop_cache(path: Path) -> bool:
@@ -151,7 +144,7 @@ def run(size_mib: int = 1024, record_bytes: int = 256, batch: int = 256,
     from tools.bench_frames import measure_frame_codec
 
     out["frame_codec"] = measure_frame_codec(frames=frames, apdu_bytes=360)
-    out["peak_rss_mib"] = _rss_peak_mib()
+    out["peak_rss_mib"] = peak_rss_mib()
     return out
 
 

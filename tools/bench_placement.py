@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from tools.report import peak_rss_mib
+
 PAPER_DENSITY_PER_M2 = 300 / (3500 * 4000)
 TILED_ABOVE = 20_000
 CAP = 25
@@ -34,14 +36,6 @@ def points(n: int, seed: int) -> np.ndarray:
     """n uniform meters at the paper's density, in metres, in a square."""
     side = math.sqrt(n / PAPER_DENSITY_PER_M2)
     return np.random.default_rng(seed).uniform(0.0, side, size=(n, 2))
-
-
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_one(method: str, n: int, seed: int) -> dict[str, Any]:
@@ -78,7 +72,7 @@ def run_one(method: str, n: int, seed: int) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     m = plan_metrics(pts, assign, sites, cap=CAP)
     return {"method": method, "n": n, "k": len(sites), "seed": seed, "seconds": seconds,
-            "peak_rss_mib": _peak_rss_mib(), **m.as_dict()}
+            "peak_rss_mib": peak_rss_mib(), **m.as_dict()}
 
 
 def run(sizes: list[int], methods: list[str], seed: int, limit_s: float,

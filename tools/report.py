@@ -7,6 +7,18 @@ from pathlib import Path
 from typing import Any
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM), MiB; NaN where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def write_json(result: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -112,15 +112,20 @@ def plan(points: object, *, cap: int = DEFAULT_CAP, k: int | None = None,
     return solve(pts, k, cap, np.random.default_rng(check_seed(seed)), eps, max_rounds)
 
 
+def check_int(value: object, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (floats refused), or a ValueError."""
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
 def check_seed(seed: object) -> int:
     """``seed`` as an int >= 0 (what numpy's seeding accepts), or a ValueError."""
-    try:
-        value = operator.index(seed)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"seed must be an integer, got {seed!r}") from None
-    if value < 0:
-        raise ValueError(f"seed must be >= 0, got {value}")
-    return value
+    return check_int(seed, "seed", 0)
 
 
 def check_rounds(eps: float, max_rounds: int) -> tuple[float, int]:

@@ -18,7 +18,6 @@ over the whole area would.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from agent.placement.plan import (
     DEFAULT_CAP,
     DEFAULT_MARGIN,
     Plan,
+    check_int,
     check_rounds,
     check_seed,
     solve,
@@ -169,11 +169,5 @@ def plan_tiled(points: object, *, cap: int = DEFAULT_CAP, margin: float = DEFAUL
 
 
 def _check_tile_meters(tile_meters: object) -> int:
-    try:
-        value = operator.index(tile_meters)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"tile_meters must be an integer, got {tile_meters!r}") from None
-    if value < 1:
-        raise ValueError(f"tile_meters must be >= 1, got {value}")
-    return value
+    return check_int(tile_meters, "tile_meters", 1)
 
