@@ -81,12 +81,11 @@ def run(sizes: list[int], methods: list[str], seed: int, limit_s: float,
     from tqdm import tqdm
 
     results = []
-    gave_up: set[str] = set()
+    gave_up: dict[str, str] = {}  # method -> why larger n are skipped
     todo = [(m, n) for n in sizes for m in methods]
     for method, n in tqdm(todo, desc="placement bench", unit="run"):
         if method in gave_up:
-            results.append({"method": method, "n": n, "status": "skipped: a smaller n "
-                            "did not finish"})
+            results.append({"method": method, "n": n, "status": f"skipped: {gave_up[method]}"})
             continue
         cmd = [sys.executable, "-m", "tools.bench_placement", method, str(n), str(seed)]
         t0 = time.perf_counter()
@@ -97,14 +96,14 @@ def run(sizes: list[int], methods: list[str], seed: int, limit_s: float,
             results.append({"method": method, "n": n,
                             "status": f"did not finish in {limit_s:.0f} s"})
             if skip_after_timeout:
-                gave_up.add(method)
+                gave_up[method] = f"n={n:,} did not finish"
             continue
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             results.append({"method": method, "n": n, "status": f"failed: {tail}",
                             "wall_s": time.perf_counter() - t0})
             if "MemoryError" in proc.stderr or proc.returncode == -9:
-                gave_up.add(method)
+                gave_up[method] = f"n={n:,} ran out of memory"
             continue
         results.append({"status": "ok", **json.loads(proc.stdout.strip().splitlines()[-1])})
     return results

@@ -60,6 +60,17 @@ def _bench_placement(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_rehome(args: argparse.Namespace) -> int:
+    from tools import bench_rehome
+    from tools.report import table, write_json
+
+    result = bench_rehome.run(ops=args.ops, seed=args.seed)
+    path = write_json(result, args.out)
+    print(table(bench_rehome.rows(result), "edgekey bench rehome"))
+    print(f"\nJSON: {path}")
+    return 0
+
+
 def _flash(args: argparse.Namespace) -> int:
     from tools import flash_tool
 
@@ -106,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--limit-s", type=float, default=900.0, help="time limit of one run")
     pl.add_argument("--out", default="bench/results/placement.json")
     pl.set_defaults(handler=_bench_placement)
+
+    rh = bench.add_parser("rehome", help="the terminal's placement work: plan the paper's "
+                                         "setting, join/leave latency")
+    rh.add_argument("--ops", type=int, default=400, help="leave+join pairs to time")
+    rh.add_argument("--seed", type=int, default=0)
+    rh.add_argument("--out", default="bench/results/rehome.json")
+    rh.set_defaults(handler=_bench_rehome)
 
     from tools import flash_tool
 
