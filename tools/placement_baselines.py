@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.placement.geometry import as_points, distances
+from agent.placement.metrics import loads
 from agent.placement.plan import cluster_medoids
 
 # FasterPAM takes a full n x n dissimilarity matrix: 8 n^2 bytes, 200 MB at 5000.
@@ -57,7 +58,7 @@ def _medoid_sites(pts: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     # The planner's batched medoids (ties to the lowest index, as medoid_index) pad every
     # group to the largest one; grouping by size (powers of two) keeps the padding under 4x
     # when a few cells are much fuller than the rest.
-    size = np.bincount(assign, minlength=k)
+    size = loads(assign, k)
     bucket = np.ceil(np.log2(np.maximum(size, 1))).astype(np.intp)
     sites = np.empty(k, dtype=np.int64)
     for b in np.unique(bucket):

@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from agent.placement.metrics import loads
+
 Units = Literal["auto", "metres", "degrees"]
 Format = Literal["csv", "geojson"]
 
@@ -568,7 +570,7 @@ def write_meters_geojson(path: str | Path, meters: Meters) -> Path:
 
 def _terminal_rows(meters: Meters, assign: np.ndarray, sites: np.ndarray) -> list[dict[str, Any]]:
     d = np.linalg.norm(meters.xy - meters.xy[sites][assign], axis=1)
-    load = np.bincount(assign.astype(np.intp), minlength=len(sites))  # intp: 32-bit ARM
+    load = loads(assign, len(sites))
     out = []
     for t, s in enumerate(sites):
         mine = d[assign == t]

@@ -45,6 +45,7 @@ from itertools import pairwise
 import numpy as np
 
 from agent.placement.geometry import as_points, distances
+from agent.placement.metrics import loads
 
 # Bellman-Ford accepts an improvement only if it beats the old label by this
 # fraction of the largest meter-centre distance; prices below it count as 0.
@@ -133,7 +134,7 @@ def assign_from_distances(dist: np.ndarray, cap: int,
     tol = RELATIVE_TOLERANCE * (1.0 + float(dist.max()))
     prices = _raise_prices(dist, prices, cap, tol)
     assign = np.argmin(dist + prices, axis=1).astype(np.int64)  # the API's type, on 32-bit too
-    load = np.bincount(assign.astype(np.intp), minlength=k).astype(np.int64)
+    load = loads(assign, k).astype(np.int64)
     # Flow on b -> T. A priced centre must be full (complementary slackness),
     # so it starts wanting cap; an unpriced one passes on what it has, up to cap.
     to_sink = np.where(prices > 0, cap, np.minimum(load, cap)).astype(np.int64)
@@ -184,7 +185,7 @@ class _Network:
         self.pi[:k] = -prices
         self.cost = np.full((k + 1, k + 1), np.inf)
         self.mover = np.full((k, k), -1, dtype=np.int64)
-        self.load = np.bincount(assign.astype(np.intp), minlength=k)
+        self.load = loads(assign, k)
         # Only sources lose meters and no other centre goes past cap, so this width holds.
         width = max(cap, int(self.load.max()))
         order = np.argsort(assign, kind="stable")
@@ -344,7 +345,7 @@ def _raise_prices(dist: np.ndarray, prices: np.ndarray, cap: int, tol: float) ->
     for _ in range(PRICE_SWEEPS):
         np.add(dist, p, out=value)
         assign = np.argmin(value, axis=1)
-        load = np.bincount(assign, minlength=k)
+        load = loads(assign, k)
         excess = int(np.maximum(load - cap, 0).sum())
         if excess == 0 or last - excess < SWEEP_MIN_GAIN:
             break  # done, or the sweeps stall (neighbours trading the same meters)

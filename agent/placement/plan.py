@@ -25,6 +25,7 @@ import numpy as np
 
 from agent.placement.capacity import assign_capacitated, check_cap
 from agent.placement.geometry import as_points, medoid_index
+from agent.placement.metrics import loads
 
 # The paper: at most 25 meters per terminal, "with some margin" (section 2.1).
 DEFAULT_CAP = 25
@@ -215,7 +216,7 @@ def cluster_medoids(pts: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
     out = np.full(k, -1, dtype=np.int64)
     if n == 0:
         return out
-    counts = np.bincount(np.asarray(assign, dtype=np.intp), minlength=k)  # see metrics.loads
+    counts = loads(assign, k)
     order = np.argsort(assign, kind="stable")
     owner = assign[order]
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.placement.geometry import as_points, distances
-from agent.placement.metrics import PlanMetrics, plan_metrics
+from agent.placement.metrics import PlanMetrics, loads, plan_metrics
 
 # ---------------------------------------------------------------- limits
 # Paper, section 2.1: at most 25 meters per terminal.
@@ -238,7 +238,7 @@ class Placement:
         if len(a) and (a.min() < 0 or a.max() >= k):
             bad = int(np.flatnonzero((a < 0) | (a >= k))[0])
             raise PlacementError(f"assign[{bad}] = {int(a[bad])}: terminals are 0..{k - 1}")
-        count = np.bincount(a.astype(np.intp), minlength=k)  # intp: 32 bits on the ARMv7
+        count = loads(a, k)
         if (count > cap).any():
             t = int(np.flatnonzero(count > cap)[0])
             raise PlacementError(f"terminal {t} has {int(count[t])} meters, cap is {cap}")
