@@ -25,7 +25,9 @@ Recovery (``open``) scans every segment: records up to the first invalid
 one are kept; a torn tail is expected after a power cut. A checksum failure
 followed by valid committed records, or a gap between segments, is damage,
 not a torn write: ``LogCorruptError`` names the segment, offset and the
-records it would lose, and nothing is silently dropped.
+records it would lose, and nothing is silently dropped. ``salvage=True``
+opens such a log read-only with only the records before the damage, so the
+layer above can say what the damage cost (the ledger names the block).
 
 Space. ``release(before_seq)`` erases the segments holding only records
 older than ``before_seq`` (the compaction step behind a snapshot); the
@@ -226,7 +228,7 @@ class RecordLog:
 
     def __init__(self, device: BlockDevice, *,
                  compactor: Callable[[RecordLog], None] | None = None,
-                 reserve_segments: int = 1):
+                 reserve_segments: int = 1, salvage: bool = False):
         self.device = device
         self.segment_bytes = device.ioctl(IOCTL_BLOCK_SIZE, 0) or 0
         self.segment_count = device.ioctl(IOCTL_BLOCK_COUNT, 0) or 0
@@ -247,6 +249,7 @@ class RecordLog:
         self._dirty: set[int] = set()  # free but must be erased before use
         self._next_seq = 1
         self._next_serial = 1
+        self._salvage = salvage
         self.report = self._recover()
 
     # ------------------------------------------------------------ recovery
@@ -301,14 +304,28 @@ class RecordLog:
             lines = "; ".join(f"segment {d.segment} offset {d.offset}: {d.detail} "
                               f"(committed records from {d.expected_seq} on would be lost)"
                               for d in damage)
-            raise LogCorruptError(f"record log damaged: {lines}")
+            if not self._salvage:
+                raise LogCorruptError(f"record log damaged: {lines}")
+            expected = self._keep_before(min(d.expected_seq for d in damage))
+            self._failed = True  # read-only: what follows the damage is unknown
         self._firsts = [s.first_seq for s in self._segments]
         self._next_seq = expected
         return RecoveryReport(
             records=self._next_seq - self.first_seq, first_seq=self.first_seq,
             next_seq=self._next_seq, used_segments=len(self._segments),
             free_segments=len(self._free), dirty_segments=len(self._dirty),
-            torn_tail=torn_tail, dropped_batch_records=dropped)
+            torn_tail=torn_tail, dropped_batch_records=dropped, damage=tuple(damage))
+
+    def _keep_before(self, cut: int) -> int:
+        """Salvage: keep only the records before ``cut``; returns the next id."""
+        kept: list[_Segment] = []
+        for seg in self._segments:
+            if seg.first_seq >= cut:
+                break
+            del seg.offsets[cut - seg.first_seq:]
+            kept.append(seg)
+        self._segments = kept
+        return kept[-1].last_seq + 1 if kept else cut
 
     def _check_unused(self, block: int, head: bytearray, damage: list[Damage]) -> None:
         """A segment with a valid EC but no valid use header must hold no valid record.

@@ -215,6 +215,20 @@ def test_a_flipped_byte_in_an_earlier_record_is_damage_not_a_torn_tail():
         RecordLog(dev)
 
 
+def test_salvage_opens_a_damaged_log_read_only_with_the_records_before_the_damage():
+    dev = filled(30)  # three segments; damage the third record of the first
+    log = RecordLog(dev)
+    pos = log._segments[0].block * SEG + log._segments[0].offsets[2] + REC_HEADER + 7
+    dev.data[pos] ^= 0x04
+    salvaged = RecordLog(dev, salvage=True)
+    assert [p for _, p in salvaged.records()] == [payload(0), payload(1)]
+    assert salvaged.next_seq == 3 and salvaged.report.damage
+    before = bytes(dev.data)
+    with pytest.raises(LogFailedError):
+        salvaged.append(b"no writes after damage")
+    assert bytes(dev.data) == before
+
+
 def test_a_lost_record_at_the_end_of_a_full_segment_is_reported_as_a_gap():
     dev = filled(30)  # three segments
     log = RecordLog(dev)
