@@ -137,6 +137,15 @@ class Wan:
 
 
 @dataclass(frozen=True)
+class Ledger:
+    """The chain's rules this board runs with; every terminal of one network must agree."""
+
+    pow_difficulty: int = _spec(0, 32, doc="leading zero bits a block's hash needs; 0 = no "
+                                           "seal (ordering is etcd's), 8 = the paper's setting")
+    txs_per_block: int = _spec(1, 1024, doc="most transactions one proposed block carries")
+
+
+@dataclass(frozen=True)
 class Board:
     board: BoardInfo = _spec()
     cpu: Cpu = _spec()
@@ -145,6 +154,7 @@ class Board:
     links: dict[str, Link] = _spec()
     plc: Plc = _spec()
     wan: Wan = _spec()
+    ledger: Ledger = _spec()
     source: str = field(default="<memory>", compare=False)
 
     @property

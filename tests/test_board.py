@@ -406,7 +406,7 @@ def test_deleting_any_leaf_names_its_path_unless_it_has_a_default(keys: Keys, wh
 
 
 _TABLES = ["board", "cpu", "ram", "flash", "flash.partitions", "flash.partitions[2]", "links",
-           "links.hplc", "plc", "wan"]
+           "links.hplc", "plc", "wan", "ledger"]
 
 
 @pytest.mark.parametrize("where", _TABLES)
