@@ -7,8 +7,11 @@ import hashlib
 import os
 import zlib
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.ledger.block import Block, endorse, genesis, with_endorsements
 from agent.ledger.chain import (
@@ -17,10 +20,14 @@ from agent.ledger.chain import (
     BlockRejected,
     Chain,
     ChainCorruptError,
+    _decode_snap_meter,
+    _encode_snap_meter,
     open_chain,
     scan_newest_record,
 )
+from agent.ledger.codec import DecodeError
 from agent.ledger.identity import TerminalIdentity
+from agent.ledger.proof import check_record_proof, decode_record_proof, encode_record_proof
 from agent.ledger.rules import Reason, propose_block
 from agent.ledger.state import MeterStatus
 from agent.ledger.tx import Transaction, TxBuilder, rotation_proof_digest
@@ -358,3 +365,81 @@ def test_power_cut_during_a_snapshot_loses_nothing(dev):
         after = Chain(RecordLog(victim), IDS[0])
         assert state_view(after) == view
         assert after.state.tip == chain.state.tip
+
+
+# -------------------------------------------------- record proofs, bad input
+
+TERMINAL_KEYS = {i.terminal_id: i.public_bytes() for i in IDS}
+
+
+def test_every_newest_record_proves_itself_to_the_master_station(dev):
+    chain = new_chain(dev)
+    lifecycle(Net(chain))
+    for i in range(10):
+        proof = chain.record_proof(meter(i))
+        assert check_record_proof(proof, TERMINAL_KEYS) is None
+        assert decode_record_proof(encode_record_proof(proof)) == proof
+    assert chain.record_proof(b"nobody") is None
+
+
+def test_a_record_proof_fails_for_a_forged_tx_a_wrong_index_or_too_few_endorsers(dev):
+    chain = new_chain(dev)
+    net = Net(chain)
+    net.commit([BUILDERS[0].register(meter(i), key_version=1, fingerprint=fp(i), counter=1)
+                for i in range(5)])
+    proof = chain.record_proof(meter(3))
+    forged = BUILDERS[0].register(meter(3), key_version=1, fingerprint=fp(99), counter=1)
+    assert "Merkle" in check_record_proof(replace(proof, tx=forged), TERMINAL_KEYS)
+    assert "Merkle" in check_record_proof(replace(proof, tx_index=2), TERMINAL_KEYS)
+    unsigned = replace(proof, tx=replace(proof.tx, counter=2))
+    assert "signature" in check_record_proof(unsigned, TERMINAL_KEYS)
+    thin = replace(proof, endorsements=proof.endorsements[:2])
+    assert "majority" in check_record_proof(thin, TERMINAL_KEYS)
+    # a stranger's key set: the endorsers are not its terminals
+    assert check_record_proof(proof, {"ecd-0": IDS[0].public_bytes(),
+                                      "other-1": IDS[1].public_bytes(),
+                                      "other-2": IDS[2].public_bytes()}) is not None
+
+
+def test_a_compacted_record_has_no_block_proof_any_more(dev):
+    chain = new_chain(dev)
+    lifecycle(Net(chain))
+    chain.snapshot()
+    with pytest.raises(LookupError, match="snapshot"):
+        chain.record_proof(meter(0))
+
+
+@given(st.binary(max_size=600))
+def test_record_proof_decoder_takes_any_bytes(data):
+    try:
+        proof = decode_record_proof(data)
+    except DecodeError:
+        return
+    assert encode_record_proof(proof) == data
+
+
+@given(st.binary(max_size=400))
+def test_snapshot_record_decoder_takes_any_bytes(data):
+    try:
+        meter_id, entry, tx = _decode_snap_meter(data)
+    except DecodeError:
+        return
+    assert _encode_snap_meter(meter_id, entry, tx) == data
+
+
+@settings(max_examples=60 if not os.environ.get("EDGEKEY_EMULATED") else 15)
+@given(st.binary(min_size=0, max_size=300))
+def test_any_record_appended_to_the_chain_opens_or_is_named_as_damage(junk):
+    """Injected: one arbitrary record after a valid chain. Survives: every block before it."""
+    dev = RamBlockDevice(SEG, 8)
+    chain = new_chain(dev)
+    Net(chain).commit([BUILDERS[0].register(meter(1), key_version=1, fingerprint=fp(1),
+                                            counter=1)])
+    tip = chain.state.tip
+    chain.log.append(junk)
+    try:
+        again = Chain(RecordLog(dev), IDS[0])
+    except ChainCorruptError as exc:
+        assert exc.height >= tip.height  # never blames a block that is intact
+        return
+    assert again.state.tip == tip and again.entry(meter(1)).key_version == 1

@@ -242,6 +242,16 @@ def _read_endorsements(r: Reader) -> tuple[Endorsement, ...]:
     return tuple(out)
 
 
+def read_header(r: Reader) -> BlockHeader:
+    """A header at ``r``'s position (for records that nest one)."""
+    return _read_header(r)
+
+
+def read_endorsements(r: Reader) -> tuple[Endorsement, ...]:
+    """An endorsement list at ``r``'s position (for records that nest one)."""
+    return _read_endorsements(r)
+
+
 def decode_endorsements(data: bytes) -> tuple[Endorsement, ...]:
     r = Reader(data)
     out = _read_endorsements(r)

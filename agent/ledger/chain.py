@@ -52,6 +52,7 @@ from agent.ledger.codec import (
     Writer,
 )
 from agent.ledger.identity import TerminalIdentity, verify_signature
+from agent.ledger.proof import RecordProof, record_proof
 from agent.ledger.rules import (
     Changes,
     PlacementOracle,
@@ -249,6 +250,20 @@ class Chain:
         first = self._heads[k] - head.header.tx_count
         txs = tuple(decode_tx(self.log.read(s)[1:]) for s in range(first, self._heads[k]))
         return Block(head.header, txs, head.endorsements)
+
+    def record_proof(self, meter_id: bytes) -> RecordProof | None:
+        """The meter's newest record with its block head and audit path (proof.py).
+
+        None for an unknown meter. A record carried by a snapshot has no block
+        on flash any more: LookupError says so (the snapshot vouches for it).
+        """
+        record = self.newest_record(meter_id)
+        if record is None:
+            return None
+        if record.height < self._base:
+            raise LookupError(f"meter {meter_id.hex()}: its record of block {record.height} was "
+                              "compacted into a snapshot; its block is no longer kept")
+        return record_proof(self.block(record.height), record.tx_index)
 
     # ------------------------------------------------------------- snapshots
 
