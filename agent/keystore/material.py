@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap,
 )
 
+from agent.ledger.tx import rotation_proof_digest
+
 Entropy = Callable[[int], bytes]
 
 KEY_BYTES = 32  # AES-256
@@ -38,7 +40,6 @@ PROOF_BYTES = KEY_BYTES + 8  # RFC 3394 2.2.1: n 64-bit blocks wrap to n + 1
 DIGEST_BYTES = 32  # SHA-256
 
 FINGERPRINT_LABEL = b"edgekey/key-fingerprint/v1"
-PROOF_DIGEST_LABEL = b"edgekey/rotation-proof/v1"
 _REVOCATION_LABEL = b"edgekey/revocation/v1"
 
 
@@ -144,5 +145,5 @@ def is_revocation_proof(old_key: bytes, proof: bytes) -> bool:
 
 
 def proof_digest(proof: bytes) -> bytes:
-    """SHA-256(b"edgekey/rotation-proof/v1" + proof): what the ledger carries for the proof."""
-    return _sha256(PROOF_DIGEST_LABEL, bytes(proof))
+    """What the ledger carries for the proof: the chain's own construction (ledger/tx.py)."""
+    return rotation_proof_digest(bytes(proof))

@@ -113,7 +113,7 @@ _SEALED_BYTES = {Kind.KEY: KEY_BYTES + TAG_BYTES, Kind.TOMBSTONE: TAG_BYTES,
 class MeterStatus(enum.Enum):
     UNKNOWN = "unknown"  # never held here, or its records were released
     LIVE = "live"
-    DESTROYED = "destroyed"  # revoked: every version's ciphertext erased
+    DESTROYED = "destroyed"  # not held here: revoked or handed over, every ciphertext erased
 
 
 class KeyStoreError(Exception):
@@ -537,6 +537,14 @@ class KeyStore:
         m.tomb_seq = seq
         self._live_bytes += self._entry_bytes(mid, m)
         self._purge(newest_record)
+
+    def hand_over(self, meter_id: bytes) -> None:
+        """After a migration the new home holds the key: erase this copy as a revoke does.
+
+        The store keeps no reason (DESTROYED means "no key here"); the chain
+        says whether the meter was revoked or moved.
+        """
+        self.destroy(meter_id)
 
     # ---------------------------------------------------------- compaction
 
