@@ -71,6 +71,50 @@ def _bench_rehome(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_routing(args: argparse.Namespace) -> int:
+    from tools import bench_routing
+    from tools.report import table, write_json
+
+    sizes = tuple(int(float(x)) for x in args.sizes.split(","))
+    methods = tuple(args.methods.split(","))
+    unknown = set(methods) - set(bench_routing.METHODS)
+    if unknown or min(sizes) < 2:
+        print(f"edgekey: unknown method(s) {', '.join(sorted(unknown))}; known: "
+              f"{', '.join(bench_routing.METHODS)}" if unknown else
+              "edgekey: --sizes: every mesh needs at least 2 terminals", file=sys.stderr)
+        return 2
+    result = bench_routing.run(sizes=sizes, methods=methods, routes=args.routes,
+                               broadcasts=args.broadcasts, budget_s=args.budget_s,
+                               arrivals=args.arrivals, probes=args.probes, seed=args.seed,
+                               progress=not args.no_progress)
+    path = write_json(result, args.out)
+    print(table(bench_routing.rows(result), f"edgekey bench routing ({result['machine']['arch']}, "
+                                            f"python {result['machine']['python']})"))
+    print(f"\nJSON: {path}")
+    return 0
+
+
+def _bench_ledger(args: argparse.Namespace) -> int:
+    from tools import bench_ledger
+    from tools.report import table, write_json
+
+    result = bench_ledger.run(meters=args.meters, rotations=args.rotations,
+                              partition_mib=args.partition_mib, per_block=args.txs_per_block,
+                              board=args.board, workdir=args.workdir, scans=args.scans,
+                              seals=args.seals, seed=args.seed, quiet=args.no_progress)
+    path = write_json(result, args.out)
+    print(table(bench_ledger.rows(result), f"edgekey bench ledger ({result['machine']['arch']}, "
+                                           f"python {result['machine']['python']})"))
+    print(f"\nJSON: {path}")
+    return 0
+
+
+def _paper(args: argparse.Namespace) -> int:
+    from tools import paper
+
+    return paper.run(args)
+
+
 def _flash(args: argparse.Namespace) -> int:
     from tools import flash_tool
 
@@ -125,6 +169,40 @@ def build_parser() -> argparse.ArgumentParser:
     rh.add_argument("--out", default="bench/results/rehome.json")
     rh.set_defaults(handler=_bench_rehome)
 
+    ro = bench.add_parser("routing", help="routing time per method at 20/100/1000 terminals; "
+                                          "simulated vs closed-form delay and loss (eq. 6-7)")
+    ro.add_argument("--sizes", default="20,100,1000", help="comma-separated terminal counts")
+    ro.add_argument("--methods", default="greedy,shortest,reliability,residual")
+    ro.add_argument("--routes", type=int, default=200, help="routes to time per cell")
+    ro.add_argument("--broadcasts", type=int, default=20, help="broadcasts to time per cell")
+    ro.add_argument("--budget-s", type=float, default=10.0,
+                    help="wall-time budget of one cell's routes, and of its broadcasts")
+    ro.add_argument("--arrivals", type=int, default=200_000,
+                    help="packets per simulated single-node case")
+    ro.add_argument("--probes", type=int, default=4000, help="probe packets per simulated path")
+    ro.add_argument("--seed", type=int, default=0)
+    ro.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ro.add_argument("--out", default="bench/results/routing.json")
+    ro.set_defaults(handler=_bench_routing)
+
+    lg = bench.add_parser("ledger", help="the chain on a flash image: query by index vs the "
+                                         "paper's tail scan, flash per op, boot RSS, validation "
+                                         "rate, PoW cost")
+    lg.add_argument("--meters", type=int, default=1_000_000, help="meters registered")
+    lg.add_argument("--rotations", type=int, default=300_000,
+                    help="rotations after registration (flash per op across snapshots)")
+    lg.add_argument("--partition-mib", type=int, default=None,
+                    help="ledger partition size (default: the board's)")
+    lg.add_argument("--txs-per-block", type=int, default=1000)
+    lg.add_argument("--board", default="pl-terminal")
+    lg.add_argument("--workdir", default=None, help="folder for the flash image (default: tmp)")
+    lg.add_argument("--scans", type=int, default=10, help="tail-scan queries to time")
+    lg.add_argument("--seals", type=int, default=2000, help="PoW seals to time")
+    lg.add_argument("--seed", type=int, default=7)
+    lg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lg.add_argument("--out", default="bench/results/ledger.json")
+    lg.set_defaults(handler=_bench_ledger)
+
     from tools import flash_tool
 
     flash_tool.add_parser(sub, _flash)
@@ -133,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan_cmd.add_parser(sub)
 
-    demo = sub.add_parser("demo", help="the HAL at work on one terminal's flash image and link")
+    from tools import paper
+
+    paper.add_parser(sub, _paper)
+
+    demo = sub.add_parser("demo", help="one terminal at work: flash image, power cut, meter "
+                                       "link, key lifecycle, placement")
     demo.add_argument("--board", default="host")
     demo.add_argument("--out", default="out/demo", help="folder for the flash image")
     demo.set_defaults(handler=_demo)
