@@ -47,6 +47,7 @@ from agent.ledger.codec import (
     HASH_LEN,
     PUBLIC_KEY_LEN,
     SIGNATURE_LEN,
+    TERMINAL_ID_MAX,
     DecodeError,
     Reader,
     Writer,
@@ -64,6 +65,7 @@ from agent.ledger.rules import (
 )
 from agent.ledger.state import LedgerState, MeterEntry, MeterStatus, Tip
 from agent.ledger.tx import (
+    MAX_TX_BYTES,
     METER_ID_MAX,
     METER_ID_MIN,
     Transaction,
@@ -72,7 +74,14 @@ from agent.ledger.tx import (
     signing_payload,
 )
 from hal.blockdev import BlockDevice
-from hal.recordlog import LogCorruptError, LogFailedError, RecordLog
+from hal.recordlog import (
+    ALIGN,
+    REC_HEADER,
+    LogCorruptError,
+    LogFailedError,
+    PartitionFullError,
+    RecordLog,
+)
 
 REC_TX = 0x54  # "T"
 REC_HEAD = 0x48  # "H"
@@ -90,9 +99,9 @@ _NO_HEIGHT = 2**64 - 1  # "not retired" in a snapshot's membership list
 # the whole live state written before the old records can be released, so
 # taking it as late as this makes snapshots as rare as the partition allows.
 SNAPSHOT_HEADROOM_SEGMENTS = 4
-# A snapshot record: kind, meter id, entry fields, tx; the record log adds
-# its 20-byte header and pads to 8.
-_SNAP_METER_OVERHEAD = 1 + 1 + 1 + 4 + HASH_LEN + 33 + 8 + 8 + 2 + 20 + 8
+# A snapshot meter record without its ids and transaction: kind, the two id
+# length bytes, status, version, fingerprint, counter, height, tx index.
+_SNAP_METER_FIXED = 1 + 2 + 1 + 4 + HASH_LEN + 8 + 8 + 2
 
 
 class LedgerError(Exception):
@@ -173,6 +182,8 @@ class Chain:
         self._base = 0  # height of _heads[0]
         self.snapshots_written = 0
         self._snapshot_start: int | None = None
+        self.space_warning: str | None = None  # set while the live state cannot be snapshot
+        self.size = _SnapshotSize()
         self.report = self._replay(self.state, deep=False)
         self._release_before_snapshot()
 
@@ -191,19 +202,17 @@ class Chain:
             raise BlockRejected(block.header.height, verdict.block_reason)
         payloads = [_tag(REC_TX, encode_tx(tx)) for tx in block.txs]
         payloads.append(_tag(REC_HEAD, encode_head(block)))
-        seqs = self.log.append_many(payloads)
-        changes = self._apply(block, verdict, seqs[0], seqs[-1])
-        self._maybe_snapshot()
-        return changes
-
-    def _apply(self, block: Block, verdict: Verdict, first_seq: int, head_seq: int) -> Changes:
-        changes = apply_block(self.state, block, verdict)
-        for change in changes.meters:
-            self.state.put_meter(change.meter_id,
-                                 change.entry._replace(seq=first_seq + change.tx_index))
+        try:
+            seqs = self.log.append_many(payloads)
+        except PartitionFullError as exc:
+            raise LedgerFullError(f"block {block.header.height} not written: {exc}"
+                                  + (f" ({self.space_warning})" if self.space_warning else "")
+                                  ) from exc
+        changes = _fold(self.state, block, verdict, seqs[0], self.size)
         if not self._heads:
             self._base = block.header.height
-        self._heads.append(head_seq)
+        self._heads.append(seqs[-1])
+        self._maybe_snapshot()
         return changes
 
     # ---------------------------------------------------------------- reading
@@ -268,15 +277,24 @@ class Chain:
     # ------------------------------------------------------------- snapshots
 
     def snapshot_bytes(self) -> int:
-        """Flash a snapshot of the current state takes (an upper estimate)."""
-        per_terminal = 1 + 32 + 32 + 16 + 28
-        return (self.state.meter_count * (_SNAP_METER_OVERHEAD + 200)
-                + self.state.terminal_count * per_terminal + 4096)
+        """Flash a snapshot of the current state takes (within about 1 %; see _SnapshotSize)."""
+        return self.size.estimate(self.state)
 
     def _maybe_snapshot(self) -> None:
+        """Snapshot when the free space would soon not hold one; never fails the append.
+
+        When the live state no longer fits, the warning is kept and the append
+        that finally finds the partition full raises LedgerFullError, having
+        written nothing.
+        """
         need = self.snapshot_bytes() + self.snapshot_headroom
-        if self.log.stats().payload_bytes_free < need:
+        if self.log.stats().payload_bytes_free >= need:
+            return
+        try:
             self.snapshot()
+            self.space_warning = None
+        except LedgerFullError as exc:
+            self.space_warning = str(exc)
 
     def snapshot(self) -> int:
         """Write the live state after the tip, seal it, release what it supersedes.
@@ -349,6 +367,7 @@ class Chain:
 
     def _replay(self, state: LedgerState, *, deep: bool, keep: bool = True) -> BootReport:
         """Scan every record: snapshots restore, blocks are validated and applied."""
+        size = self.size if keep else _SnapshotSize()
         pending: list[int] = []  # record ids of T records waiting for their head
         pending_txs: list[bytes] = []
         snap: _SnapshotReader | None = None
@@ -384,10 +403,7 @@ class Chain:
                     if not verdict.block_ok:
                         assert verdict.block_reason is not None
                         raise ChainCorruptError(height, seq, verdict.block_reason.name)
-                    changes = apply_block(state, block, verdict)
-                    for change in changes.meters:
-                        state.put_meter(change.meter_id,
-                                        change.entry._replace(seq=first + change.tx_index))
+                    _fold(state, block, verdict, first, size)
                     if not heads:
                         base = height
                     heads.append(seq)
@@ -398,8 +414,9 @@ class Chain:
                     orphans += len(pending)
                     pending, pending_txs = [], []
                     snap = _SnapshotReader(seq, body, self.identity, deep)
+                    size.reset()
                 elif kind == REC_SNAP_METER and snap is not None:
-                    snap.meter(seq, body)
+                    size.add_carried(*snap.meter(seq, body))
                 elif kind == REC_SNAP_END and snap is not None:
                     restored = snap.end(seq, body)
                     _replace_state(state, restored)
@@ -457,6 +474,59 @@ class Chain:
         except DecodeError as exc:
             raise ChainCorruptError(height, seq, f"a transaction does not decode: {exc}") from exc
         return Block(header, txs, endorsements), first
+
+
+class _SnapshotSize:
+    """Running account of a snapshot's flash size, so the trigger costs O(txs) per block.
+
+    Exact for the id fields (each meter's id and home are tracked as they
+    change); the transactions are counted at the mean length of the meter
+    transactions seen (their lengths differ only by id lengths).
+    """
+
+    __slots__ = ("id_bytes", "tx_bytes", "tx_count")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.id_bytes = self.tx_bytes = self.tx_count = 0
+
+    def add_carried(self, meter_id: bytes, home: str, tx_len: int) -> None:
+        self.id_bytes += len(meter_id) + len(home)
+        self.tx_bytes += tx_len
+        self.tx_count += 1
+
+    def change(self, old: MeterEntry | None, meter_id: bytes, home: str, tx_len: int) -> None:
+        if old is None:
+            self.id_bytes += len(meter_id) + len(home)
+        else:
+            self.id_bytes += len(home) - len(old.home)
+        self.tx_bytes += tx_len
+        self.tx_count += 1
+
+    def estimate(self, state: LedgerState) -> int:
+        meters = state.meter_count
+        mean_tx = self.tx_bytes / self.tx_count if self.tx_count else MAX_TX_BYTES
+        per_meter = _SNAP_METER_FIXED + mean_tx + REC_HEADER + ALIGN - 1
+        per_terminal = 1 + TERMINAL_ID_MAX + PUBLIC_KEY_LEN + 16 + REC_HEADER
+        return int(meters * per_meter + self.id_bytes
+                   + state.terminal_count * per_terminal + 256)  # + the end record
+
+
+def _fold(state: LedgerState, block: Block, verdict: Verdict, first_seq: int,
+          size: _SnapshotSize) -> Changes:
+    """Apply an accepted block and point each changed meter at its record on flash."""
+    olds = {tx.meter_id: state.meter(tx.meter_id) for tx, code
+            in zip(block.txs, verdict.tx_codes, strict=True)
+            if code is None and tx.kind.is_meter}
+    changes = apply_block(state, block, verdict)
+    for change in changes.meters:
+        state.put_meter(change.meter_id, change.entry._replace(seq=first_seq + change.tx_index))
+        size.change(olds.get(change.meter_id), change.meter_id, change.entry.home,
+                    len(encode_tx(block.txs[change.tx_index])))
+        olds[change.meter_id] = change.entry
+    return changes
 
 
 def open_chain(device: BlockDevice, identity: TerminalIdentity, **rules: object) -> Chain:
@@ -589,7 +659,8 @@ class _SnapshotReader:
         self.state.advance_tip(Tip(height, block_hash, timestamp))
         self.height = height
 
-    def meter(self, seq: int, body: bytes) -> None:
+    def meter(self, seq: int, body: bytes) -> tuple[bytes, str, int]:
+        """Check and restore one meter; (meter id, home, tx length) for the size account."""
         self.digest.update(body)
         try:
             meter_id, entry, tx = _decode_snap_meter(body)
@@ -602,6 +673,7 @@ class _SnapshotReader:
                                                     signing_payload(tx)):
                 raise ChainCorruptError(entry.height, seq, "a carried transaction's signature "
                                         "does not verify")
+        return meter_id, entry.home, len(encode_tx(tx))
 
     def end(self, seq: int, body: bytes) -> LedgerState:
         try:
