@@ -89,6 +89,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tools.argtypes import nonneg_float, nonneg_int, positive_float, positive_int
+
 if TYPE_CHECKING:  # numpy, SimPy and the routers load when a run starts, not for ``-h``
     import numpy as np
 
@@ -447,51 +449,31 @@ def run_case(job: tuple[Model, int, float, int]) -> tuple[tuple[int, float, int]
 # ---------------------------------------------------------------- the command
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
-def _nonneg_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
-def _nonneg_float(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return v
 
 
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``edgekey paper``."""
     p.add_argument("--out", metavar="DIR", type=Path, default=Path("out/paper"),
                    help="output folder (default out/paper)")
-    p.add_argument("--seeds", metavar="N", type=_positive_int, default=None,
+    p.add_argument("--seeds", metavar="N", type=positive_int, default=None,
                    help=f"seeds per point, mean and standard error over them (default "
                         f"{DEFAULT_SEEDS}; --quick: 1)")
-    p.add_argument("--seed", metavar="S", type=_nonneg_int, default=0,
+    p.add_argument("--seed", metavar="S", type=nonneg_int, default=0,
                    help="first seed (default 0)")
-    p.add_argument("--terminals", metavar="MAX", type=_positive_int, default=None,
+    p.add_argument("--terminals", metavar="MAX", type=positive_int, default=None,
                    help=f"Figures 6-7 run N = 1..MAX (default 20; --quick: {QUICK_TERMINALS})")
-    p.add_argument("--table-terminals", metavar="N", type=_positive_int, default=None,
+    p.add_argument("--table-terminals", metavar="N", type=positive_int, default=None,
                    help=f"N for Table 1 (default the paper's {PAPER_TERMINALS}, at most MAX)")
-    p.add_argument("--figure-lambda", metavar="PPS", type=_positive_float, default=200.0,
+    p.add_argument("--figure-lambda", metavar="PPS", type=positive_float, default=200.0,
                    help="meter packets/s per terminal for Figures 6-7 (default 200, the "
                         "paper's heaviest load)")
-    p.add_argument("--pow-ms", metavar="MS", type=_nonneg_float, default=Model.pow_ms,
+    p.add_argument("--pow-ms", metavar="MS", type=nonneg_float, default=Model.pow_ms,
                    help="mean proof-of-work time per block (default 2.5: 256 double SHA-256 "
                         "at ~10 us on a 700 MHz Cortex-A7, difficulty 8 read as 8 zero bits)")
     p.add_argument("--board", default="pl-terminal",
@@ -499,7 +481,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"tiny run for tests: N <= {QUICK_TERMINALS}, one seed, "
                         f"{QUICK_BLOCKS} blocks, short windows")
-    p.add_argument("--workers", metavar="N", type=_positive_int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", metavar="N", type=positive_int, default=os.cpu_count() or 1,
                    help="worker processes (default: every core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from tools.argtypes import nonneg_float, nonneg_int, positive_float, positive_int
+
 # Section 3.1, Figure 5: variance of meters per terminal, and how much lower
 # scheme 1's is than schemes 2 and 3 (the paper's own numbers, quoted).
 PAPER_VARIANCE = {"ours": 18.74, "voronoi": 25.74, "grid": 158.58}
@@ -60,32 +62,12 @@ class PlanCommandError(ValueError):
     """Options or data that make the requested plan impossible, said in one line."""
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
-def _nonneg_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
 
 
-def _nonneg_float(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return v
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -113,37 +95,37 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g = p.add_argument_group("generated input (when no INPUT is given)")
     g.add_argument("--generate", choices=("clustered", "uniform"), default="clustered",
                    help="layout of the generated meters (default: clustered)")
-    g.add_argument("--meters", metavar="N", type=_positive_int, default=300,
+    g.add_argument("--meters", metavar="N", type=positive_int, default=300,
                    help="how many (default 300)")
-    g.add_argument("--width-m", metavar="M", type=_positive_float, default=3500.0,
+    g.add_argument("--width-m", metavar="M", type=positive_float, default=3500.0,
                    help="area width in metres (default 3500)")
-    g.add_argument("--height-m", metavar="M", type=_positive_float, default=4000.0,
+    g.add_argument("--height-m", metavar="M", type=positive_float, default=4000.0,
                    help="area height in metres (default 4000)")
     g = p.add_argument_group("planning")
-    g.add_argument("--cap", metavar="N", type=_positive_int, default=25,
+    g.add_argument("--cap", metavar="N", type=positive_int, default=25,
                    help="most meters per terminal, a hard bound (paper: 25)")
-    g.add_argument("--margin", metavar="F", type=_nonneg_float, default=0.05,
+    g.add_argument("--margin", metavar="F", type=nonneg_float, default=0.05,
                    help="spare capacity when choosing the terminal count (default 0.05)")
-    g.add_argument("--terminals", metavar="N", type=_positive_int, default=None,
+    g.add_argument("--terminals", metavar="N", type=positive_int, default=None,
                    help="terminal count N (default: ceil(n (1 + margin) / cap); 13 for 300)")
-    g.add_argument("--eps", metavar="M", type=_nonneg_float, default=1.0,
+    g.add_argument("--eps", metavar="M", type=nonneg_float, default=1.0,
                    help="stop when no site moves more than this many metres (eq. 4)")
-    g.add_argument("--max-rounds", metavar="N", type=_positive_int, default=100,
+    g.add_argument("--max-rounds", metavar="N", type=positive_int, default=100,
                    help="most rounds of our planner (default 100)")
-    g.add_argument("--grid-m", metavar="M", type=_positive_float, default=1000.0,
+    g.add_argument("--grid-m", metavar="M", type=positive_float, default=1000.0,
                    help="grid scheme's cell side in metres (paper: 1000)")
-    g.add_argument("--voronoi-rounds", metavar="N", type=_positive_int, default=100,
+    g.add_argument("--voronoi-rounds", metavar="N", type=positive_int, default=100,
                    help="Voronoi scheme: most re-partitions around the medoids (1: the random "
                         "generators' cells only)")
-    g.add_argument("--tiled-above", metavar="N", type=_positive_int, default=TILED_ABOVE,
+    g.add_argument("--tiled-above", metavar="N", type=positive_int, default=TILED_ABOVE,
                    help=f"use the tiled planner above this many meters (default {TILED_ABOVE})")
-    g.add_argument("--tile-meters", metavar="N", type=_positive_int, default=2000,
+    g.add_argument("--tile-meters", metavar="N", type=positive_int, default=2000,
                    help="meters per tile for the tiled planner (default 2000)")
-    g.add_argument("--seed", metavar="S", type=_nonneg_int, default=0,
+    g.add_argument("--seed", metavar="S", type=nonneg_int, default=0,
                    help="first seed (default 0)")
-    g.add_argument("--workers", metavar="N", type=_positive_int, default=os.cpu_count() or 1,
+    g.add_argument("--workers", metavar="N", type=positive_int, default=os.cpu_count() or 1,
                    help="processes for the tiled planner (default: every core)")
-    g.add_argument("--seeds", metavar="N", type=_positive_int, default=1,
+    g.add_argument("--seeds", metavar="N", type=positive_int, default=1,
                    help="average over this many seeds: seed, seed+1, ... (generated meters "
                         "are regenerated per seed); files and figures are the first seed's")
     g.add_argument("--no-extras", action="store_true", help="skip KMeans and FasterPAM")
