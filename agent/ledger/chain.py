@@ -208,7 +208,8 @@ class Chain:
             raise LedgerFullError(f"block {block.header.height} not written: {exc}"
                                   + (f" ({self.space_warning})" if self.space_warning else "")
                                   ) from exc
-        changes = _fold(self.state, block, verdict, seqs[0], self.size)
+        changes = _fold(self.state, block, verdict, seqs[0], self.size,
+                        [len(p) - 1 for p in payloads[:-1]])
         if not self._heads:
             self._base = block.header.height
         self._heads.append(seqs[-1])
@@ -396,6 +397,7 @@ class Chain:
                 elif kind == REC_HEAD:
                     height = 0 if state.tip is None else state.tip.height + 1
                     block, first = self._assemble(seq, body, pending, pending_txs, height)
+                    lengths = [len(t) for t in pending_txs[len(pending_txs) - len(block.txs):]]
                     orphans += len(pending) - block.header.tx_count
                     pending, pending_txs = [], []
                     verdict = validate_block(state, block, placement_home=self.placement_home,
@@ -403,7 +405,7 @@ class Chain:
                     if not verdict.block_ok:
                         assert verdict.block_reason is not None
                         raise ChainCorruptError(height, seq, verdict.block_reason.name)
-                    _fold(state, block, verdict, first, size)
+                    _fold(state, block, verdict, first, size, lengths)
                     if not heads:
                         base = height
                     heads.append(seq)
@@ -515,7 +517,7 @@ class _SnapshotSize:
 
 
 def _fold(state: LedgerState, block: Block, verdict: Verdict, first_seq: int,
-          size: _SnapshotSize) -> Changes:
+          size: _SnapshotSize, tx_lengths: list[int]) -> Changes:
     """Apply an accepted block and point each changed meter at its record on flash."""
     olds = {tx.meter_id: state.meter(tx.meter_id) for tx, code
             in zip(block.txs, verdict.tx_codes, strict=True)
@@ -524,7 +526,7 @@ def _fold(state: LedgerState, block: Block, verdict: Verdict, first_seq: int,
     for change in changes.meters:
         state.put_meter(change.meter_id, change.entry._replace(seq=first_seq + change.tx_index))
         size.change(olds.get(change.meter_id), change.meter_id, change.entry.home,
-                    len(encode_tx(block.txs[change.tx_index])))
+                    tx_lengths[change.tx_index])
         olds[change.meter_id] = change.entry
     return changes
 
@@ -601,6 +603,15 @@ def _encode_snap_meter(meter_id: bytes, entry: MeterEntry, tx: Transaction) -> b
 
 
 def _decode_snap_meter(body: bytes) -> tuple[bytes, MeterEntry, Transaction]:
+    meter_id, entry, raw_tx = _decode_snap_entry(body)
+    tx = decode_tx(raw_tx)
+    if tx.meter_id != meter_id:
+        raise DecodeError("snapshot.tx", 0, "the carried record names another meter")
+    return meter_id, entry, tx
+
+
+def _decode_snap_entry(body: bytes) -> tuple[bytes, MeterEntry, bytes]:
+    """A snapshot record's meter id and entry; its transaction left encoded (boot's fast path)."""
     r = Reader(body)
     meter_id = r.short_bytes("snapshot.meter_id", METER_ID_MIN, METER_ID_MAX)
     status = r.u8("snapshot.status")
@@ -612,11 +623,9 @@ def _decode_snap_meter(body: bytes) -> tuple[bytes, MeterEntry, Transaction]:
     counter = r.u64("snapshot.counter")
     height = r.u64("snapshot.height")
     index = r.u16("snapshot.tx_index")
-    tx = decode_tx(r.fixed("snapshot.tx", r.remaining()))
-    if tx.meter_id != meter_id:
-        raise DecodeError("snapshot.tx", 0, "the carried record names another meter")
+    raw_tx = r.fixed("snapshot.tx", r.remaining())
     return meter_id, MeterEntry(MeterStatus(status), version, fingerprint, home, counter,
-                                height, index), tx
+                                height, index), raw_tx
 
 
 def _encode_snap_end(count: int, digest: bytes, identity: TerminalIdentity) -> bytes:
@@ -663,17 +672,20 @@ class _SnapshotReader:
         """Check and restore one meter; (meter id, home, tx length) for the size account."""
         self.digest.update(body)
         try:
-            meter_id, entry, tx = _decode_snap_meter(body)
+            meter_id, entry, raw_tx = _decode_snap_entry(body)
             self.state.put_meter(meter_id, entry._replace(seq=seq))
+            # The transaction is covered by the digest the end record signs; boot
+            # leaves it encoded, ``verify(deep=True)`` decodes and checks it.
+            tx = _decode_snap_meter(body)[2] if self.deep else None
         except (DecodeError, ValueError, KeyError) as exc:
             raise ChainCorruptError(self.height, seq, f"snapshot record: {exc}") from exc
-        if self.deep:
+        if tx is not None:
             info = self.state.terminal(tx.proposer)
             if info is None or not verify_signature(info.public_key, tx.signature,
                                                     signing_payload(tx)):
                 raise ChainCorruptError(entry.height, seq, "a carried transaction's signature "
                                         "does not verify")
-        return meter_id, entry.home, len(encode_tx(tx))
+        return meter_id, entry.home, len(raw_tx)
 
     def end(self, seq: int, body: bytes) -> LedgerState:
         try:
