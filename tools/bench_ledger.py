@@ -41,6 +41,7 @@ from agent.ledger.block import (
 from agent.ledger.chain import Chain, open_chain, scan_newest_record
 from agent.ledger.identity import TerminalIdentity
 from agent.ledger.rules import propose_block
+from agent.ledger.state import LedgerState, MeterEntry, MeterStatus
 from agent.ledger.tx import Transaction, TxBuilder, rotation_proof_digest
 from hal.blockdev import FileBlockDevice
 from hal.board import board_path, load_board
@@ -209,6 +210,30 @@ def _pow_cost(seals: int) -> dict[str, Any]:
             "mean_nonces_tried": sum(nonces) / seals + 1}
 
 
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def index_ram(meters: int) -> dict[str, Any]:
+    """RSS growth of a meter table of ``meters`` packed entries (run first, on a fresh heap)."""
+    state = LedgerState()
+    ident = identities(1)[0]
+    state.add_terminal(ident.terminal_id, ident.public_bytes(), 0)
+    before = _rss_mib()
+    for n in range(meters):
+        state.put_meter(meter_id(n), MeterEntry(MeterStatus.LIVE, 1, fingerprint(n, 1),
+                                                ident.terminal_id, 1, 1, n % 1000, n + 1))
+    grown = _rss_mib() - before
+    return {"meters": meters, "mib": grown, "bytes_per_meter": grown * MIB / meters}
+
+
 def boot_probe(image: str, erase_block: int) -> dict[str, Any]:
     """Open the chain on ``image`` in this (fresh) process: boot time and peak RSS."""
     ids = identities()
@@ -257,6 +282,7 @@ def run(meters: int = 1_000_000, rotations: int = 1_000_000, partition_mib: int 
                    "erase_block_bytes": erase_block, "txs_per_block": per_block,
                    "terminals": TERMINALS, "board": board, "seed": seed},
     }
+    out["index_ram"] = index_ram(meters)
     ids = identities()
     with tempfile.TemporaryDirectory(dir=workdir, prefix="edgekey-ledger-") as tmp:
         img = Path(tmp) / "ledger.img"
@@ -325,6 +351,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                                        f"blocks freed"),
         ("boot (fresh process)", f"{boot['seconds']:.1f} s, {boot['blocks_replayed']} blocks "
                                  f"replayed, {boot['snapshot_meters']:,} meters from snapshot"),
+        ("meter table in RAM", f"{r['index_ram']['bytes_per_meter']:.0f} B/meter "
+                               f"({r['index_ram']['mib']:.1f} MiB for "
+                               f"{r['index_ram']['meters']:,})"),
         ("peak RSS holding the index", f"{boot['peak_rss_mib']:.0f} MiB for "
                                        f"{boot['meters']:,} meters"
                                        + (" (bench process, upper bound)" if boot["in_process"]
