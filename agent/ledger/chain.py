@@ -232,12 +232,8 @@ class Chain:
         entry = self.state.meter(meter_id)
         if entry is None:
             return None
-        payload = self.log.read(entry.seq)
-        if payload[:1] == bytes((REC_TX,)):
-            tx = decode_tx(payload[1:])
-        elif payload[:1] == bytes((REC_SNAP_METER,)):
-            tx = _decode_snap_meter(payload[1:])[2]
-        else:
+        tx = _record_tx(self.log.read(entry.seq))
+        if tx is None:
             raise ChainCorruptError(entry.height, entry.seq, "the index points at no transaction")
         if tx.meter_id != meter_id:
             raise ChainCorruptError(entry.height, entry.seq, "the indexed record names another "
@@ -395,7 +391,7 @@ class Chain:
                     pending.append(seq)
                     pending_txs.append(body)
                 elif kind == REC_HEAD:
-                    height = 0 if state.tip is None else state.tip.height + 1
+                    height = _next_height(state)
                     block, first = self._assemble(seq, body, pending, pending_txs, height)
                     lengths = [len(t) for t in pending_txs[len(pending_txs) - len(block.txs):]]
                     orphans += len(pending) - block.header.tx_count
@@ -421,17 +417,17 @@ class Chain:
                     size.add_carried(*snap.meter(seq, body))
                 elif kind == REC_SNAP_END and snap is not None:
                     restored = snap.end(seq, body)
-                    _replace_state(state, restored)
+                    state.replace_with(restored)
                     snapshot_height = restored.tip.height if restored.tip else None
                     snapshot_meters = restored.meter_count
                     heads, base = array("Q"), (snapshot_height or 0) + 1
                     self._snapshot_start = snap.start_seq
                     snap = None
                 else:
-                    height = 0 if state.tip is None else state.tip.height + 1
+                    height = _next_height(state)
                     raise ChainCorruptError(height, seq, f"unknown record kind {kind!r}")
         except LogCorruptError as exc:
-            height = 0 if state.tip is None else state.tip.height + 1
+            height = _next_height(state)
             raise ChainCorruptError(height, -1, f"flash record damaged: {exc}") from exc
         if snap is not None:
             abandoned += 1
@@ -476,6 +472,11 @@ class Chain:
         except DecodeError as exc:
             raise ChainCorruptError(height, seq, f"a transaction does not decode: {exc}") from exc
         return Block(header, txs, endorsements), first
+
+
+def _next_height(state: LedgerState) -> int:
+    """The height the next block on ``state`` must have (0: genesis)."""
+    return 0 if state.tip is None else state.tip.height + 1
 
 
 class _SnapshotSize:
@@ -555,15 +556,19 @@ def scan_newest_record(log: RecordLog, meter_id: bytes) -> Transaction | None:
     invalid; the index does not (see rules.py).
     """
     for seq in range(log.next_seq - 1, log.first_seq - 1, -1):
-        payload = log.read(seq)
-        if payload[:1] == bytes((REC_TX,)):
-            tx = decode_tx(payload[1:])
-        elif payload[:1] == bytes((REC_SNAP_METER,)):
-            tx = _decode_snap_meter(payload[1:])[2]
-        else:
-            continue
-        if tx.meter_id == meter_id:
+        tx = _record_tx(log.read(seq))
+        if tx is not None and tx.meter_id == meter_id:
             return tx
+    return None
+
+
+def _record_tx(payload: bytes) -> Transaction | None:
+    """The transaction a stored record holds (a block's T or a snapshot's M), else None."""
+    kind = payload[0] if payload else -1
+    if kind == REC_TX:
+        return decode_tx(payload[1:])
+    if kind == REC_SNAP_METER:
+        return _decode_snap_meter(payload[1:])[2]
     return None
 
 
@@ -705,8 +710,4 @@ class _SnapshotReader:
                                 DOMAIN_SNAPSHOT + count.to_bytes(8, "big") + digest):
             raise ChainCorruptError(self.height, seq, "snapshot is not signed by this terminal")
         return self.state
-
-
-def _replace_state(state: LedgerState, restored: LedgerState) -> None:
-    state.replace_with(restored)
 
