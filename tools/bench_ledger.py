@@ -46,7 +46,7 @@ from agent.ledger.tx import Transaction, TxBuilder, rotation_proof_digest
 from hal.blockdev import FileBlockDevice
 from hal.board import board_path, load_board
 from hal.recordlog import RecordLog
-from tools.report import peak_rss_mib
+from tools.report import peak_rss_mib, quantile, rss_mib
 
 MIB = 1 << 20
 TERMINALS = 5
@@ -82,10 +82,9 @@ class _Proposer:
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
-    s = sorted(samples)
-    return {"n": len(s), "p50_us": s[len(s) // 2] * 1e6,
-            "p99_us": s[min(len(s) - 1, int(0.99 * len(s)))] * 1e6,
-            "mean_us": sum(s) / len(s) * 1e6}
+    return {"n": len(samples), "p50_us": quantile(samples, 0.5) * 1e6,
+            "p99_us": quantile(samples, 0.99) * 1e6,
+            "mean_us": sum(samples) / len(samples) * 1e6}
 
 
 def _progress(total: int, desc: str, quiet: bool) -> Any:
@@ -198,27 +197,14 @@ def _rotations(chain: Chain, ids: list[TerminalIdentity], meters: int, ops: int,
 
 
 def _pow_cost(seals: int) -> dict[str, Any]:
-    header = BlockHeader(1, bytes(32), T0, bytes(32), 0, "ecd-00")
     t0 = time.perf_counter()
     nonces = []
     for i in range(seals):
         h = seal(BlockHeader(1, bytes(32), T0 + i, bytes(32), 0, "ecd-00"), PAPER_DIFFICULTY)
         nonces.append(h.nonce)
     dt = time.perf_counter() - t0
-    del header
     return {"difficulty": PAPER_DIFFICULTY, "seals": seals, "mean_ms": dt / seals * 1e3,
             "mean_nonces_tried": sum(nonces) / seals + 1}
-
-
-def _rss_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def index_ram(meters: int) -> dict[str, Any]:
@@ -226,11 +212,11 @@ def index_ram(meters: int) -> dict[str, Any]:
     state = LedgerState()
     ident = identities(1)[0]
     state.add_terminal(ident.terminal_id, ident.public_bytes(), 0)
-    before = _rss_mib()
+    before = rss_mib()
     for n in range(meters):
         state.put_meter(meter_id(n), MeterEntry(MeterStatus.LIVE, 1, fingerprint(n, 1),
                                                 ident.terminal_id, 1, 1, n % 1000, n + 1))
-    grown = _rss_mib() - before
+    grown = rss_mib() - before
     return {"meters": meters, "mib": grown, "bytes_per_meter": grown * MIB / meters}
 
 

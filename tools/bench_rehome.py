@@ -16,14 +16,9 @@ import numpy as np
 
 from agent.placement.plan import plan
 from agent.placement.rehome import Migrate, Placement, ReplanNeeded
-from tools.report import peak_rss_mib
+from tools.report import peak_rss_mib, quantile
 
 PAPER_W, PAPER_H, PAPER_N, CAP = 3500.0, 4000.0, 300, 25
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def run(ops: int = 400, seed: int = 0) -> dict[str, Any]:
@@ -56,8 +51,10 @@ def run(ops: int = 400, seed: int = 0) -> dict[str, Any]:
     return {"arch": platform.machine(), "python": platform.python_version(),
             "numpy": np.__version__, "meters": PAPER_N, "terminals": len(p.centres),
             "plan_s": plan_s, "ops": ops,
-            "join_p50_us": _pct(joins, 0.5) * 1e6, "join_p99_us": _pct(joins, 0.99) * 1e6,
-            "leave_p50_us": _pct(leaves, 0.5) * 1e6, "leave_p99_us": _pct(leaves, 0.99) * 1e6,
+            "join_p50_us": quantile(joins, 0.5) * 1e6,
+            "join_p99_us": quantile(joins, 0.99) * 1e6,
+            "leave_p50_us": quantile(leaves, 0.5) * 1e6,
+            "leave_p99_us": quantile(leaves, 0.99) * 1e6,
             "migrations": migrations, "replans": replans, "peak_rss_mib": peak_rss_mib()}
 
 

@@ -7,16 +7,32 @@ from pathlib import Path
 from typing import Any
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM), MiB; NaN where /proc is missing."""
+def _status_mib(field: str) -> float:
+    """A kB field of /proc/self/status in MiB; NaN where /proc is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM), MiB; NaN where /proc is missing."""
+    return _status_mib("VmHWM")
+
+
+def rss_mib() -> float:
+    """This process's resident set now (VmRSS), MiB; NaN where /proc is missing."""
+    return _status_mib("VmRSS")
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The sample at rank floor(q * n) of the sorted values (the last for q near 1)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:
