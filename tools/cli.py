@@ -18,6 +18,19 @@ from hal.recordlog import LogError
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _emit(result: dict, rows: list[tuple[str, str]], title: str, out: str) -> int:
+    """A benchmark's JSON on disk and its table on the terminal, titled with the machine."""
+    from tools.report import table, write_json
+
+    path = write_json(result, out)
+    machine = result.get("machine")
+    if machine:
+        title += f" ({machine['arch']}, python {machine['python']})"
+    print(table(rows, title))
+    print(f"\nJSON: {path}")
+    return 0
+
+
 def _board_check(args: argparse.Namespace) -> int:
     from agent.__main__ import main as agent_main
 
@@ -29,21 +42,15 @@ def _board_check(args: argparse.Namespace) -> int:
 
 def _bench_hal(args: argparse.Namespace) -> int:
     from tools import bench_hal
-    from tools.report import table, write_json
 
     result = bench_hal.run(size_mib=args.size_mib, record_bytes=args.record_bytes,
                            batch=args.batch, durable=args.durable, workdir=args.workdir,
                            board=args.board, frames=args.frames)
-    path = write_json(result, args.out)
-    print(table(bench_hal.rows(result), f"edgekey bench hal ({result['machine']['arch']}, "
-                                        f"python {result['machine']['python']})"))
-    print(f"\nJSON: {path}")
-    return 0
+    return _emit(result, bench_hal.rows(result), "edgekey bench hal", args.out)
 
 
 def _bench_placement(args: argparse.Namespace) -> int:
     from tools import bench_placement
-    from tools.report import table, write_json
 
     sizes = [int(float(x)) for x in args.sizes.split(",")]
     methods = args.methods.split(",")
@@ -53,27 +60,20 @@ def _bench_placement(args: argparse.Namespace) -> int:
               f"known: {', '.join(bench_placement.METHODS)}", file=sys.stderr)
         return 2
     results = bench_placement.run(sizes, methods, args.seed, args.limit_s)
-    path = write_json({"cap": bench_placement.CAP, "margin": bench_placement.MARGIN,
-                       "seed": args.seed, "limit_s": args.limit_s, "runs": results}, args.out)
-    print(table(bench_placement.rows(results), "edgekey bench placement"))
-    print(f"\nJSON: {path}")
-    return 0
+    return _emit({"cap": bench_placement.CAP, "margin": bench_placement.MARGIN,
+                  "seed": args.seed, "limit_s": args.limit_s, "runs": results},
+                 bench_placement.rows(results), "edgekey bench placement", args.out)
 
 
 def _bench_rehome(args: argparse.Namespace) -> int:
     from tools import bench_rehome
-    from tools.report import table, write_json
 
     result = bench_rehome.run(ops=args.ops, seed=args.seed)
-    path = write_json(result, args.out)
-    print(table(bench_rehome.rows(result), "edgekey bench rehome"))
-    print(f"\nJSON: {path}")
-    return 0
+    return _emit(result, bench_rehome.rows(result), "edgekey bench rehome", args.out)
 
 
 def _bench_routing(args: argparse.Namespace) -> int:
     from tools import bench_routing
-    from tools.report import table, write_json
 
     sizes = tuple(int(float(x)) for x in args.sizes.split(","))
     methods = tuple(args.methods.split(","))
@@ -87,26 +87,17 @@ def _bench_routing(args: argparse.Namespace) -> int:
                                broadcasts=args.broadcasts, budget_s=args.budget_s,
                                arrivals=args.arrivals, probes=args.probes, seed=args.seed,
                                progress=not args.no_progress)
-    path = write_json(result, args.out)
-    print(table(bench_routing.rows(result), f"edgekey bench routing ({result['machine']['arch']}, "
-                                            f"python {result['machine']['python']})"))
-    print(f"\nJSON: {path}")
-    return 0
+    return _emit(result, bench_routing.rows(result), "edgekey bench routing", args.out)
 
 
 def _bench_ledger(args: argparse.Namespace) -> int:
     from tools import bench_ledger
-    from tools.report import table, write_json
 
     result = bench_ledger.run(meters=args.meters, rotations=args.rotations,
                               partition_mib=args.partition_mib, per_block=args.txs_per_block,
                               board=args.board, workdir=args.workdir, scans=args.scans,
                               seals=args.seals, seed=args.seed, quiet=args.no_progress)
-    path = write_json(result, args.out)
-    print(table(bench_ledger.rows(result), f"edgekey bench ledger ({result['machine']['arch']}, "
-                                           f"python {result['machine']['python']})"))
-    print(f"\nJSON: {path}")
-    return 0
+    return _emit(result, bench_ledger.rows(result), "edgekey bench ledger", args.out)
 
 
 def _paper(args: argparse.Namespace) -> int:
