@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hal.require import require_int
+
 if TYPE_CHECKING:
     from hal.board import Board
 
@@ -118,8 +120,12 @@ class RamBudgetExceeded(MemoryError):
                 f"{figures}")
 
 
-def _read_status(path: Path) -> dict[str, int] | None:
-    """The Vm* lines of /proc/<pid>/status in bytes; None where there is no /proc."""
+def read_status(path: Path = PROC_STATUS) -> dict[str, int] | None:
+    """The Vm* lines of /proc/<pid>/status in bytes; None where there is no /proc.
+
+    The one reader of that file: the budget's figures here and the desk
+    benchmarks' RSS columns (``tools.report``) come from the same parse.
+    """
     try:
         text = path.read_text(encoding="ascii", errors="replace")
     except OSError:
@@ -148,11 +154,8 @@ class RamBudget:
     """The agent process's RAM budget: enforce it, report against it, check it."""
 
     def __init__(self, budget_bytes: int, *, status_path: Path = PROC_STATUS):
-        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int):
-            raise TypeError(f"budget_bytes must be int, got {type(budget_bytes).__name__}")
-        if budget_bytes <= 0:
-            raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
-        self.budget_bytes = budget_bytes
+        self.budget_bytes = require_int("budget_bytes", budget_bytes, min=1,
+                                        type_error=TypeError)
         self.status_path = status_path
         self.limit: RamLimit | None = None  # set by enforce()
 
@@ -167,7 +170,7 @@ class RamBudget:
         Without /proc only the peak is known; it stands in for the current RSS
         too, an upper bound, so check() errs on the side of raising.
         """
-        status = _read_status(self.status_path)
+        status = read_status(self.status_path)
         if status is not None and "VmRSS" in status:
             rss = status["VmRSS"]
             peak = max(status.get("VmHWM", rss), rss)
@@ -195,7 +198,7 @@ class RamBudget:
         Raises RamBudgetExceeded, leaving the old limit, if the data segment
         already leaves less than MIN_HEADROOM_BYTES under the limit.
         """
-        data = (_read_status(self.status_path) or {}).get("VmData")
+        data = (read_status(self.status_path) or {}).get("VmData")
         old_soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
         target, notes = self.budget_bytes, []
         if _rlim(hard) is not None and hard < target:

@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hal.board import BOARD_DIR, load_board
-from hal.ram import MIB, RamBudget, RamBudgetExceeded, RamLimit, RamUsage
+from hal.ram import MIB, RamBudget, RamBudgetExceeded, RamLimit, RamUsage, read_status
 
 ROOT = Path(__file__).resolve().parent.parent
 INF = resource.RLIM_INFINITY
@@ -70,6 +70,13 @@ def test_touching_50_mb_raises_rss_by_about_that_and_peak_remembers_it() -> None
     # little below an earlier exact RSS; it must still hold the 50 MiB excursion.
     assert after.peak_rss_bytes >= before.rss_bytes + 45 * MIB
     assert during.rss_bytes - after.rss_bytes >= 45 * MIB
+
+
+def test_status_reader_keeps_only_the_vm_lines_in_bytes(tmp_path: Path) -> None:
+    path = _status_file(tmp_path, rss_kib=51200, hwm_kib=102400, data_kib=204800)
+    assert read_status(path) == {"VmPeak": 900000 * 1024, "VmHWM": 100 * MIB,
+                                 "VmRSS": 50 * MIB, "VmData": 200 * MIB, "VmStk": 132 * 1024}
+    assert read_status(tmp_path / "no-proc") is None
 
 
 def test_usage_reads_the_status_figures_in_bytes(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.routing.baselines import METHODS, reliability_route, residual_route, shortest_route
+from agent.routing.baselines import reliability_route, residual_route, shortest_route
 from agent.routing.exact import exact_route
 from agent.routing.network import (
     PACKET_BITS,
@@ -26,6 +26,7 @@ from agent.routing.network import (
     iter_simple_paths,
 )
 from agent.routing.router import Router, broadcast_routes, greedy_route
+from tools.routing_methods import METHODS, by_name
 
 MU = 25e6 / PACKET_BITS
 
@@ -306,7 +307,7 @@ def grid(n: int = 3) -> Network:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_broadcast_routes_place_one_flow_per_destination_in_name_order(method: str) -> None:
     net = grid()
-    routes = broadcast_routes(net, "g11", 1e6, Bounds(max_hops=4), method=method)
+    routes = broadcast_routes(net, "g11", 1e6, Bounds(max_hops=4), route_fn=METHODS[method])
     assert list(routes) == sorted(set(net.nodes) - {"g11"})
     loaded = net
     for dst, route in routes.items():
@@ -316,9 +317,9 @@ def test_broadcast_routes_place_one_flow_per_destination_in_name_order(method: s
         loaded = loaded.with_flow(route.path, 1e6)
 
 
-def test_broadcast_with_an_unknown_method_or_source_is_refused() -> None:
+def test_an_unknown_method_name_or_broadcast_source_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown routing method 'fastest'"):
-        broadcast_routes(grid(), "g00", 1e6, method="fastest")
+        by_name("fastest")
     with pytest.raises(NetworkError, match="unknown node"):
         broadcast_routes(grid(), "x", 1e6)
 
@@ -447,8 +448,10 @@ def test_router_is_deterministic() -> None:
 
 @pytest.mark.parametrize("method", ["shortest", "residual", "exact"])
 def test_router_can_place_with_another_method(method: str) -> None:
-    router = Router(grid(), Bounds(max_hops=4), method=method)
+    router = Router(grid(), Bounds(max_hops=4), route_fn=by_name(method))
     route = router.place("f", Demand("g00", "g22", 1e6))
     assert route.method == method
     with pytest.raises(ValueError, match="unknown routing method"):
-        Router(grid(), method="nope")
+        by_name("nope")
+    with pytest.raises(TypeError, match="route_fn"):
+        Router(grid(), route_fn="greedy")  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from agent.routing.baselines import METHODS, reliability_route, residual_route, shortest_route
+from agent.routing.baselines import reliability_route, residual_route, shortest_route
 from agent.routing.network import (
     PACKET_BITS,
     Bounds,
@@ -20,6 +20,7 @@ from agent.routing.network import (
     iter_simple_paths,
 )
 from agent.routing.router import greedy_route
+from tools.routing_methods import METHODS
 
 MU = 25e6 / PACKET_BITS
 BASELINES = [shortest_route, reliability_route, residual_route]

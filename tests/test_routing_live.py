@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.routing.baselines import reliability_route
 from agent.routing.live import (
     LinkEstimator,
     LinkSample,
@@ -204,7 +205,7 @@ def test_live_router_leaves_out_unreachable_destinations_and_retries_them() -> N
 
 
 def test_live_router_feeds_delivery_estimates_to_the_reliability_baseline() -> None:
-    live = LiveRouter(diamond(), rate_bps=1e5, half_life_s=1.0, method="reliability")
+    live = LiveRouter(diamond(), rate_bps=1e5, half_life_s=1.0, route_fn=reliability_route)
     assert live.paths("S")["D"] == ("S", "X", "D")
     live.observe("S", "X", sample(0.0))
     live.observe("S", "X", sample(1.0, frames_tx=100, retries=36, timeouts=36))

@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import math
+
+from hal.require import require_int, require_real
+
+# argparse puts "argument --name:" in front of the message, so the field is named.
+_VALUE = "value"
 
 
 def positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+    return require_int(_VALUE, int(text), min=1, error=argparse.ArgumentTypeError)
 
 
 def nonneg_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    return require_int(_VALUE, int(text), min=0, error=argparse.ArgumentTypeError)
 
 
 def positive_float(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return v
+    return require_real(_VALUE, float(text), above=0.0, error=argparse.ArgumentTypeError)
 
 
 def nonneg_float(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return v
+    return require_real(_VALUE, float(text), min=0.0, error=argparse.ArgumentTypeError)

@@ -22,6 +22,7 @@ from hal.dlt698 import (
     encode_frame,
 )
 from hal.link import READ_CHUNK  # feed the decoder as the link driver does
+from hal.require import require_int
 
 PAPER_APDU_BYTES = 360  # the paper's meter packet size
 SA_BYTES = 6  # a meter's address: 12 BCD digits
@@ -36,11 +37,9 @@ def measure_frame_codec(frames: int = 20000, apdu_bytes: int = PAPER_APDU_BYTES)
     Raises RuntimeError if the decoder does not give back every frame: a
     benchmark of a broken codec is no benchmark.
     """
-    if frames < 1:
-        raise ValueError(f"frames must be at least 1, got {frames}")
-    max_apdu = MAX_FRAME_BYTES - 2 - L_OVERHEAD - SA_BYTES
-    if not 0 <= apdu_bytes <= max_apdu:
-        raise ValueError(f"apdu_bytes {apdu_bytes} outside 0..{max_apdu}")
+    frames = require_int("frames", frames, min=1)
+    apdu_bytes = require_int("apdu_bytes", apdu_bytes, min=0,
+                             max=MAX_FRAME_BYTES - 2 - L_OVERHEAD - SA_BYTES)
     # Distinct APDUs (slices of one random block) so nothing is cached by accident.
     block = random.Random(698).randbytes(apdu_bytes + 256)
     control = Control(FunctionCode.USER_DATA)

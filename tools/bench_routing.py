@@ -102,9 +102,9 @@ def hop_diameter(network: Any) -> int:
 def time_routing(sizes: tuple[int, ...], methods: tuple[str, ...], routes: int, broadcasts: int,
                  budget_s: float, seed: int, progress: Any = None) -> list[dict[str, Any]]:
     """Per size and method: per-route and per-broadcast wall times (ms), p50 and p99."""
-    from agent.routing.baselines import METHODS as ROUTERS
     from agent.routing.network import Bounds, Demand, NoRouteError
     from agent.routing.router import broadcast_routes
+    from tools.routing_methods import by_name
 
     rate = 30_000.0  # bit/s: the ledger's per-destination rate at N = 13 (tools.paper)
     out = []
@@ -117,7 +117,7 @@ def time_routing(sizes: tuple[int, ...], methods: tuple[str, ...], routes: int, 
         pairs = [tuple(rng.sample(names, 2)) for _ in range(routes)]
         sources = [rng.choice(names) for _ in range(broadcasts)]
         for m in methods:
-            fn = ROUTERS[m]
+            fn = by_name(m)
             per_route: list[float] = []
             failed = 0
             t_cell = time.perf_counter()
@@ -137,7 +137,7 @@ def time_routing(sizes: tuple[int, ...], methods: tuple[str, ...], routes: int, 
                 t_cell = time.perf_counter()
                 for src in sources:
                     t0 = time.perf_counter()
-                    broadcast_routes(net, src, rate, bounds, m)
+                    broadcast_routes(net, src, rate, bounds, fn)
                     per_bcast.append(time.perf_counter() - t0)
                     if time.perf_counter() - t_cell > budget_s:
                         break

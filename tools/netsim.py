@@ -49,8 +49,6 @@ so the counters and checks here work without it.
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 import random
 from collections import deque
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -59,6 +57,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from agent.routing.network import PACKET_BITS, Network
+from hal.require import require_int, require_real
 
 if TYPE_CHECKING:  # SimPy is imported by NetSim itself: the counters need no desk library
     import simpy
@@ -66,43 +65,6 @@ if TYPE_CHECKING:  # SimPy is imported by NetSim itself: the counters need no de
 
 class SimError(ValueError):
     """A simulation asked for with parameters that mean nothing; the message names which."""
-
-
-# ---------------------------------------------------------------- checks
-
-
-def _rate(name: str, value: object, *, zero_ok: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SimError(f"{name} must be a real number, got {value!r}")
-    x = float(value)
-    if math.isnan(x):
-        raise SimError(f"{name} is NaN")
-    if math.isinf(x):
-        raise SimError(f"{name} must be finite, got {x!r}")
-    if x < 0.0 or (x == 0.0 and not zero_ok):
-        raise SimError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {x!r}")
-    return x
-
-
-def _time(name: str, value: object, *, inf_ok: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SimError(f"{name} must be a time in seconds, got {value!r}")
-    x = float(value)
-    if math.isnan(x) or x < 0.0 or (math.isinf(x) and not inf_ok):
-        raise SimError(f"{name} must be a {'' if inf_ok else 'finite '}time >= 0 s, got {x!r}")
-    return x
-
-
-def _int(name: str, value: object, least: int) -> int:
-    if isinstance(value, bool):
-        raise SimError(f"{name} must be an integer >= {least}, got {value!r}")
-    try:
-        n = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise SimError(f"{name} must be an integer >= {least}, got {value!r}") from None
-    if n < least:
-        raise SimError(f"{name} must be an integer >= {least}, got {n}")
-    return n
 
 
 def stream(seed: int, role: str, name: str = "") -> random.Random:
@@ -324,8 +286,8 @@ class NetSim:
                            f"{type(network).__name__}")
         if not network.nodes:
             raise SimError("a network needs at least one terminal (N >= 1)")
-        self.seed = _int("seed", seed, 0)
-        self.packet_bits = _int("packet_bits", packet_bits, 1)
+        self.seed = require_int("seed", seed, min=0, error=SimError)
+        self.packet_bits = require_int("packet_bits", packet_bits, min=1, error=SimError)
         import simpy
 
         self._simpy = simpy
@@ -414,9 +376,9 @@ class NetSim:
         Its gaps come from its own stream, seeded by ``name`` (default: the path).
         """
         path = self._check_path(path, leaves)
-        rate = _rate("rate_pps", rate_pps)
-        start = _time("start", start)
-        stop = _time("stop", stop, inf_ok=True)
+        rate = require_real("rate_pps", rate_pps, above=0.0, error=SimError)
+        start = require_real("start", start, min=0.0, error=SimError)
+        stop = require_real("stop", stop, min=0.0, allow_inf=True, error=SimError)
         rng = stream(self.seed, "source", name if name is not None else "/".join(path))
         return self.env.process(self._source(path, rate, tag, start, stop, retransmit, leaves,
                                              rng))
@@ -462,8 +424,8 @@ class NetSim:
             if len(p) < 2 or p[0] != origin or p[-1] != d:
                 raise SimError(f"path to {d!r} must run {origin!r} ... {d!r}, got {p!r}")
             self._check_path(p, False)
-        pow_mean = _time("pow_mean_s", pow_mean_s)
-        blocks = _int("block_packets", block_packets, 1)
+        pow_mean = require_real("pow_mean_s", pow_mean_s, min=0.0, error=SimError)
+        blocks = require_int("block_packets", block_packets, min=1, error=SimError)
         pow_s = self._pow.expovariate(1.0 / pow_mean) if pow_mean > 0 else 0.0
         routes = {d: tuple(paths[d]) for d in sorted(paths)}
         return self.env.process(self._build(origin, routes, pow_s, blocks, on_done))
@@ -508,7 +470,7 @@ class NetSim:
     def run(self, until: float | simpy.Event) -> None:
         """Advance the simulation to a time (seconds) or until an event fires."""
         if not isinstance(until, self._simpy.Event):
-            until = _time("until", until)
+            until = require_real("until", until, min=0.0, error=SimError)
             if until < self.now:
                 raise SimError(f"cannot run back to {until!r} s from {self.now!r} s")
         self.env.run(until=until)

@@ -45,8 +45,8 @@ The model (each default is in ``Model``; report.md repeats them):
   fits one 360-byte packet (a block of one signed key record: header ~84 B
   plus a ~140 B transaction).
 - **Routes.** For each origin, ``broadcast_routes(measured, origin, r,
-  Bounds(T_max, H_max), method)``, r = the ledger's time-averaged rate per
-  destination (3 packets every N block intervals). H_max = 8. T_max = 1.05 x
+  Bounds(T_max, H_max), by_name(method))``, r = the ledger's time-averaged
+  rate per destination (3 packets every N block intervals). H_max = 8. T_max = 1.05 x
   the largest fastest-path delay from the origin: the router may spread a
   broadcast's load as long as no terminal is reached later than the
   farthest one would be anyway (the paper leaves T_max unstated; without
@@ -77,7 +77,6 @@ import heapq
 import itertools
 import json
 import math
-import numbers
 import os
 import random
 import shlex
@@ -89,6 +88,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hal.require import require_int, require_real
 from tools.argtypes import nonneg_float, nonneg_int, positive_float, positive_int
 
 if TYPE_CHECKING:  # numpy, SimPy and the routers load when a run starts, not for ``-h``
@@ -149,17 +149,11 @@ class Model:
         for name in ("width_m", "height_m", "service_rate_pps", "link_capacity_bps",
                      "loss_length_m", "propagation_mps", "block_interval_s", "measure_s",
                      "delay_stretch"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-                raise PaperError(f"{name} must be a finite number > 0, got {v!r}")
+            require_real(name, getattr(self, name), above=0.0, error=PaperError)
         for name in ("retransmit_wait_s", "pow_ms", "warmup_s"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
-                raise PaperError(f"{name} must be a finite number >= 0, got {v!r}")
+            require_real(name, getattr(self, name), min=0.0, error=PaperError)
         for name in ("meters", "buffer", "block_packets", "blocks", "max_hops"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise PaperError(f"{name} must be an integer >= 1, got {v!r}")
+            require_int(name, getattr(self, name), min=1, error=PaperError)
         if self.delay_stretch < 1.0:
             raise PaperError(f"delay_stretch must be >= 1 (T_max below the fastest path "
                              f"leaves no route), got {self.delay_stretch!r}")
@@ -180,14 +174,6 @@ class Topology:
     gateway: int
 
 
-def _check_terminals(n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise PaperError(f"the number of terminals must be an integer, got {n!r}")
-    if n < 1:
-        raise PaperError(f"the number of terminals must be >= 1, got {n}")
-    return int(n)
-
-
 def topology(model: Model, n: int, seed: int) -> Topology:
     """The paper's meters (seeded), N planned sites, their Delaunay mesh, the gateway."""
     import numpy as np
@@ -195,7 +181,7 @@ def topology(model: Model, n: int, seed: int) -> Topology:
     from agent.placement.plan import plan
     from tools import meters_gen
 
-    n = _check_terminals(n)
+    n = require_int("the number of terminals", n, min=1, error=PaperError)
     if n > model.meters:
         raise PaperError(f"{n} terminals for {model.meters} meters: at most one per meter")
     pts = meters_gen.generate(model.layout, model.meters, model.width_m, model.height_m, seed)
@@ -371,9 +357,11 @@ def run_method(model: Model, topo: Topology, measured: Any, lam: float, seed: in
     from agent.routing.queueing import load_balance_degree
     from agent.routing.router import broadcast_routes
     from tools.netsim import NetSim
+    from tools.routing_methods import by_name
 
     n = len(topo.names)
     rate = ledger_rate_bps(model, n)
+    route_fn = by_name(method)
     routes: dict[str, dict[str, tuple[str, ...]]] = {}
     hops: list[int] = []
     t0 = time.perf_counter()
@@ -382,7 +370,7 @@ def run_method(model: Model, topo: Topology, measured: Any, lam: float, seed: in
             routes[o] = {}
             continue
         bounds = Bounds(max_delay=delay_bound(measured, o, rate, model), max_hops=model.max_hops)
-        chosen = broadcast_routes(measured, o, rate, bounds, method)
+        chosen = broadcast_routes(measured, o, rate, bounds, route_fn)
         routes[o] = {d: r.path for d, r in chosen.items()}
         hops += [r.hops for r in chosen.values()]
     route_s = time.perf_counter() - t0
@@ -860,7 +848,8 @@ def report_markdown(args: argparse.Namespace, plan: Experiment, summary: dict[st
         "8 read as 8 leading zero bits) at ~10 us each in Go on a 700 MHz Cortex-A7; the "
         "same for every method (common random numbers), so it shifts but does not separate "
         "them.",
-        "- Routes: `broadcast_routes(measured, origin, r, Bounds(T_max, H_max), method)` per "
+        "- Routes: `broadcast_routes(measured, origin, r, Bounds(T_max, H_max), "
+        "by_name(method))` per "
         f"origin, r = 3 packets x 2880 bit / (N x {m.block_interval_s * 1000:g} ms) (the "
         f"ledger's time-averaged rate per destination), H_max = {m.max_hops}, T_max = "
         f"{m.delay_stretch:g} x the origin's largest fastest-path delay (the router may "

@@ -25,6 +25,7 @@ import numpy as np
 from agent.placement.geometry import as_points, distances
 from agent.placement.metrics import loads
 from agent.placement.plan import cluster_medoids
+from hal.require import require_int
 
 # FasterPAM takes a full n x n dissimilarity matrix: 8 n^2 bytes, 200 MB at 5000.
 FASTERPAM_MAX_METERS = 5000
@@ -110,8 +111,7 @@ def voronoi_scheme(points: object, k: int, *, seed: int = 0, rounds: int = 100) 
     """
     pts = as_points(points)
     _check_k(len(pts), k)
-    if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    rounds = require_int("rounds", rounds, min=1)
     rng = np.random.default_rng(seed)
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     gens = lo + rng.random((k, 2)) * (hi - lo)

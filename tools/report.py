@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+from hal.ram import MIB, read_status
+
 
 def _status_mib(field: str) -> float:
-    """A kB field of /proc/self/status in MiB; NaN where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    """A Vm* field of /proc/self/status in MiB (a float for JSON); NaN where /proc is missing."""
+    value = (read_status() or {}).get(field)
+    return math.nan if value is None else value / MIB
 
 
 def peak_rss_mib() -> float:

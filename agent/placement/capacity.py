@@ -38,7 +38,6 @@ on the prices passed in, its total distance does not.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -46,6 +45,7 @@ import numpy as np
 
 from agent.placement.geometry import as_points, distances
 from agent.placement.metrics import loads
+from hal.require import require_int
 
 # Bellman-Ford accepts an improvement only if it beats the old label by this
 # fraction of the largest meter-centre distance; prices below it count as 0.
@@ -84,13 +84,7 @@ class Repair:
 
 def check_cap(cap: object) -> int:
     """``cap`` as an int >= 1, or a ValueError: a terminal must be able to serve a meter."""
-    try:
-        value = operator.index(cap)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"cap must be an integer, got {cap!r}") from None
-    if isinstance(cap, bool) or value < 1:
-        raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
-    return value
+    return require_int("cap", cap, min=1)
 
 
 def assign_capacitated(points: object, centres: object, cap: int, *,

@@ -18,7 +18,6 @@ area of up to a few thousand meters; ``tiling.plan_tiled`` is the scale path.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,7 @@ import numpy as np
 from agent.placement.capacity import assign_capacitated, check_cap
 from agent.placement.geometry import as_points, medoid_index
 from agent.placement.metrics import loads
+from hal.require import require_int, require_real
 
 # The paper: at most 25 meters per terminal, "with some margin" (section 2.1).
 DEFAULT_CAP = 25
@@ -66,12 +66,9 @@ def terminals_needed(n: int, cap: int = DEFAULT_CAP, margin: float = DEFAULT_MAR
     The paper's setting, 300 meters at 25 each with 5 % margin, gives 13.
     Never fewer than ceil(n / cap), so the plan is always feasible.
     """
-    n = operator.index(n)
+    n = require_int("meter count", n, min=0)
     cap = check_cap(cap)
-    if n < 0:
-        raise ValueError(f"meter count must be >= 0, got {n}")
-    if not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    margin = require_real("margin", margin, min=0.0)
     wanted = math.ceil(round(n * (1.0 + margin) / cap, NEEDED_DECIMALS))
     return max(wanted, -(-n // cap))
 
@@ -101,9 +98,7 @@ def plan(points: object, *, cap: int = DEFAULT_CAP, k: int | None = None,
     cap = check_cap(cap)
     if k is None:
         k = min(terminals_needed(n, cap, margin), n)
-    k = operator.index(k)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = require_int("k", k, min=1)
     if n < k:
         raise ValueError(f"fewer meters ({n}) than terminals ({k})")
     if k * cap < n:
@@ -113,31 +108,14 @@ def plan(points: object, *, cap: int = DEFAULT_CAP, k: int | None = None,
     return solve(pts, k, cap, np.random.default_rng(check_seed(seed)), eps, max_rounds)
 
 
-def check_int(value: object, name: str, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (floats refused), or a ValueError."""
-    try:
-        number = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {number}")
-    return number
-
-
 def check_seed(seed: object) -> int:
     """``seed`` as an int >= 0 (what numpy's seeding accepts), or a ValueError."""
-    return check_int(seed, "seed", 0)
+    return require_int("seed", seed, min=0)
 
 
 def check_rounds(eps: float, max_rounds: int) -> tuple[float, int]:
     """``eps`` (metres, eq. 4) finite and >= 0, ``max_rounds`` >= 1, or a ValueError."""
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite distance >= 0, got {eps!r}")
-    max_rounds = operator.index(max_rounds)
-    if max_rounds < 1:
-        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
-    return eps, max_rounds
+    return require_real("eps", eps, min=0.0), require_int("max_rounds", max_rounds, min=1)
 
 
 def solve(pts: np.ndarray, k: int, cap: int, rng: np.random.Generator, eps: float,

@@ -62,7 +62,6 @@ from __future__ import annotations
 import enum
 import itertools
 import math
-import numbers
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
@@ -70,6 +69,7 @@ import numpy as np
 
 from agent.placement.geometry import as_points, distances
 from agent.placement.metrics import PlanMetrics, loads, plan_metrics
+from hal.require import require_int, require_real
 
 # ---------------------------------------------------------------- limits
 # Paper, section 2.1: at most 25 meters per terminal.
@@ -185,17 +185,12 @@ class Placement:
         site_xy = _points(sites, "sites")
         if len(site_xy) == 0:
             raise PlacementError("a placement needs at least one terminal")
-        _check_int("cap", cap, 1)
-        _check_int("max_chain", max_chain, 0)
-        _check_int("neighbourhood", neighbourhood, 1)
-        if isinstance(max_detour_m, bool) or not isinstance(max_detour_m, numbers.Real) \
-                or math.isnan(max_detour_m) or max_detour_m < 0:
-            raise PlacementError(f"max_detour_m must be a number >= 0 (inf allowed), "
-                                 f"got {max_detour_m!r}")
-        self._cap = int(cap)
-        self._max_detour_m = float(max_detour_m)
-        self._max_chain = int(max_chain)
-        self._neighbourhood = int(neighbourhood)
+        self._cap = require_int("cap", cap, min=1, error=PlacementError)
+        self._max_detour_m = require_real("max_detour_m", max_detour_m, min=0.0,
+                                          allow_inf=True, error=PlacementError)
+        self._max_chain = require_int("max_chain", max_chain, min=0, error=PlacementError)
+        self._neighbourhood = require_int("neighbourhood", neighbourhood, min=1,
+                                          error=PlacementError)
         k = len(site_xy)
         self._site_xy = site_xy.copy()
         self._site_meter: list[MeterId | None] = [None] * k
@@ -552,11 +547,6 @@ def _hashable(value: object) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _check_int(name: str, value: object, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-        raise PlacementError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 def _points(points: object, name: str) -> np.ndarray:

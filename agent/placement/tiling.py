@@ -29,12 +29,12 @@ from agent.placement.plan import (
     DEFAULT_CAP,
     DEFAULT_MARGIN,
     Plan,
-    check_int,
     check_rounds,
     check_seed,
     solve,
     terminals_needed,
 )
+from hal.require import require_int
 
 # Meters per tile. Work per tile grows faster than its size (the repair's
 # shortest paths run over all of a tile's terminals), so small tiles are
@@ -75,7 +75,7 @@ def split_tiles(points: object, tile_meters: int = DEFAULT_TILE_METERS) -> list[
     ``argpartition``'s introselect has no randomness.
     """
     pts = as_points(points)
-    tile_meters = _check_tile_meters(tile_meters)
+    tile_meters = require_int("tile_meters", tile_meters, min=1)
     n = len(pts)
     perm = np.arange(n, dtype=np.int64)
     tiles: list[np.ndarray] = []
@@ -166,8 +166,3 @@ def plan_tiled(points: object, *, cap: int = DEFAULT_CAP, margin: float = DEFAUL
         raise RuntimeError(f"map_tiles returned {done} tile plans for {total} tiles")
     return Plan(assign=assign, sites=sites, centres=pts[sites], rounds=rounds,
                 converged=converged, repair_moves=moves, repair_cost_m=cost, tile=tile_of)
-
-
-def _check_tile_meters(tile_meters: object) -> int:
-    return check_int(tile_meters, "tile_meters", 1)
-

@@ -1,4 +1,4 @@
-"""The three comparison routers of the paper's Figures 6-7, and the table of all methods.
+"""The three comparison routers of the paper's Figures 6-7.
 
 Paper, section 3: the proposed routing is compared with a shortest path
 [17], a reliability-scaled path [18] and a path that accounts for residual
@@ -27,6 +27,9 @@ multisets of link figures tie exactly and the names decide); the best over
 all layers is a simple path, since cutting a loop out of a walk never
 worsens the sum and saves hops. The widest path takes two passes (see
 ``_widest_path``), because bottlenecks tie under extension.
+
+Each has the signature of ``network.RouteFn``, so a ``Router`` or
+``broadcast_routes`` can use it in place of the greedy.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from agent.routing.exact import exact_route
 from agent.routing.network import (
     DEFAULT_BOUNDS,
     Bounds,
@@ -45,7 +47,6 @@ from agent.routing.network import (
     make_route,
     no_route_reason,
 )
-from agent.routing.router import greedy_route
 
 # key of a label, from the link indices along it; smaller is better
 _Key = Callable[[list[int]], tuple]
@@ -175,11 +176,3 @@ def residual_route(network: Network, demand: Demand, bounds: Bounds = DEFAULT_BO
     """Widest: max bottleneck idle bandwidth, then hops, then names (ref. [19])."""
     return _route("residual", network, demand, bounds, _widest_path)
 
-
-METHODS: dict[str, Callable[[Network, Demand, Bounds], Route]] = {
-    "greedy": greedy_route,
-    "exact": exact_route,
-    "shortest": shortest_route,
-    "reliability": reliability_route,
-    "residual": residual_route,
-}

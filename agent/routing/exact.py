@@ -28,6 +28,7 @@ from agent.routing.network import (
     make_route,
     no_route_reason,
 )
+from hal.require import require_int
 
 _PRUNE_SLACK = 1e-9  # as in router.py: rounding never cuts a feasible path
 
@@ -35,8 +36,7 @@ _PRUNE_SLACK = 1e-9  # as in router.py: rounding never cuts a feasible path
 def exact_route(network: Network, demand: Demand, bounds: Bounds = DEFAULT_BOUNDS, *,
                 max_paths: int = 200_000) -> Route:
     """The optimum of eq. 9 (least L', then hops, then names); NoRouteError with its reason."""
-    if isinstance(max_paths, bool) or not isinstance(max_paths, int) or max_paths < 1:
-        raise ValueError(f"max_paths must be an integer >= 1, got {max_paths!r}")
+    max_paths = require_int("max_paths", max_paths, min=1)
     search = RouteSearch(network, demand)
     h_max = bounds.max_hops
     layers = search.delay_to_dst(h_max)

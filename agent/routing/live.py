@@ -33,15 +33,14 @@ when it moved by more than a relative threshold since the last push, so
 measurement noise does not churn paths. The measured traffic includes the
 flows this router placed, so the background load pushed is the measured
 rate minus their rates (at least 0, at most the capacity). After a push,
-the flows crossing that link are routed again one at a time (greedy on the
-new figures): a link whose load rose sheds the flows that have a better
-path.
+the flows crossing that link are routed again one at a time (by the
+router's route function, the greedy unless another is given, on the new
+figures): a link whose load rose sheds the flows that have a better path.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, fields
 
 from agent.routing.network import (
@@ -51,8 +50,10 @@ from agent.routing.network import (
     Demand,
     Network,
     NoRouteError,
+    RouteFn,
 )
-from agent.routing.router import Router
+from agent.routing.router import Router, greedy_route
+from hal.require import require_int, require_real
 
 DEFAULT_HALF_LIFE_S = 10.0  # a few sampling periods of a once-a-few-seconds poll
 DEFAULT_THRESHOLD = 0.1  # push an estimate once it moved by 10 %
@@ -81,14 +82,9 @@ class LinkSample:
     timeouts: int
 
     def __post_init__(self) -> None:
-        t = self.time_s
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t):
-            raise LiveStatsError(f"sample time must be a finite number of seconds, got {t!r}")
+        require_real("sample time_s", self.time_s, error=LiveStatsError)
         for f in fields(self)[1:]:
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-                raise LiveStatsError(f"sample {f.name} must be a counter (integer >= 0), "
-                                     f"got {v!r}")
+            require_int(f"sample {f.name}", getattr(self, f.name), min=0, error=LiveStatsError)
 
     @classmethod
     def from_counters(cls, counters: object, time_s: float) -> LinkSample:
@@ -108,13 +104,8 @@ class LinkEstimator:
 
     def __init__(self, half_life_s: float = DEFAULT_HALF_LIFE_S, *,
                  min_delivery: float = MIN_DELIVERY):
-        if isinstance(half_life_s, bool) or not isinstance(half_life_s, numbers.Real) \
-                or not math.isfinite(half_life_s) or half_life_s <= 0:
-            raise ValueError(f"half_life_s must be a finite time > 0, got {half_life_s!r}")
-        if not 0.0 < min_delivery <= 1.0:
-            raise ValueError(f"min_delivery must be in (0, 1], got {min_delivery!r}")
-        self.half_life_s = float(half_life_s)
-        self.min_delivery = float(min_delivery)
+        self.half_life_s = require_real("half_life_s", half_life_s, above=0.0)
+        self.min_delivery = require_real("min_delivery", min_delivery, above=0.0, max=1.0)
         self.rate_bps: float | None = None  # smoothed bit/s; None before the first interval
         self.delivery: float | None = None  # smoothed probability; None before frames were sent
         self.resets = 0
@@ -161,24 +152,22 @@ class LiveRouter:
     """A ``Router`` fed by measured link counters; ``paths(src)`` for forwarding.
 
     One flow of ``rate_bps`` per (src, dst) pair asked for, id ``"src>dst"``,
-    placed on first use. Destinations without a route are left out of
-    ``paths``; they are tried again on every call.
+    placed on first use by ``route_fn``. Destinations without a route are
+    left out of ``paths``; they are tried again on every call.
     """
 
     def __init__(self, network: Network, bounds: Bounds = DEFAULT_BOUNDS, *,
                  rate_bps: float = DEFAULT_BROADCAST_BPS,
                  packet_bits: int = PACKET_BITS,
                  half_life_s: float = DEFAULT_HALF_LIFE_S,
-                 threshold: float = DEFAULT_THRESHOLD, method: str = "greedy"):
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
-                or not 0.0 <= threshold < math.inf:
-            raise ValueError(f"threshold must be a relative change >= 0, got {threshold!r}")
+                 threshold: float = DEFAULT_THRESHOLD, route_fn: RouteFn = greedy_route):
+        threshold = require_real("threshold", threshold, min=0.0)  # a relative change
         Demand("a", "b", rate_bps, packet_bits)  # validates the flow figures
-        self.router = Router(network, bounds, method=method)
+        self.router = Router(network, bounds, route_fn=route_fn)
         self.rate_bps = float(rate_bps)
         self.packet_bits = packet_bits
         self.half_life_s = half_life_s
-        self.threshold = float(threshold)
+        self.threshold = threshold
         self._estimators: dict[tuple[str, str], LinkEstimator] = {}
         # last figures pushed into the router, per link: (background load, delivery)
         self._pushed: dict[tuple[str, str], tuple[float, float]] = {}

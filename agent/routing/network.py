@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
-import operator
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
+from typing import TypeAlias
 
 from agent.routing.queueing import QueueFigures, load_balance_degree, mm1m
 from agent.routing.queueing import path_delay as eq7_path_delay
+from hal.require import require_int, require_real
 
 PACKET_BITS = 360 * 8  # the paper's 360-byte packets (section 3)
 
@@ -137,9 +137,7 @@ class Bounds:
     max_hops: int = 8  # H_max, links on the path
 
     def __post_init__(self) -> None:
-        d = self.max_delay
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or math.isnan(d) or d <= 0:
-            raise ValueError(f"bounds max_delay must be a time > 0 (inf allowed), got {d!r}")
+        require_real("bounds: max_delay", self.max_delay, above=0.0, allow_inf=True)
         _count("bounds", "max_hops", self.max_hops, error=ValueError)
 
 
@@ -159,29 +157,15 @@ class Route:
 
 def _real(owner: str, field: str, value: object, *, positive: bool = False,
           error: type[Exception] = NetworkError) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise error(f"{owner}: {field} must be a real number, got {value!r}")
-    x = float(value)
-    if not math.isfinite(x):
-        raise error(f"{owner}: {field} is {x!r}, not a finite number")
-    if positive and x <= 0.0:
-        raise error(f"{owner}: {field} must be > 0, got {x!r}")
-    if x < 0.0:
-        raise error(f"{owner}: {field} must be >= 0, got {x!r}")
-    return x
+    """A measured figure, finite and >= 0 (> 0 if ``positive``); the error names owner, field."""
+    return require_real(f"{owner}: {field}", value, above=0.0 if positive else None,
+                        min=None if positive else 0.0, error=error)
 
 
 def _count(owner: str, field: str, value: object, *,
            error: type[Exception] = NetworkError) -> int:
-    if isinstance(value, bool):
-        raise error(f"{owner}: {field} must be an integer >= 1, got {value!r}")
-    try:
-        n = operator.index(value)  # int and numpy integers; 8.0 is refused
-    except TypeError:
-        raise error(f"{owner}: {field} must be an integer >= 1, got {value!r}") from None
-    if n < 1:
-        raise error(f"{owner}: {field} must be an integer >= 1, got {n}")
-    return n
+    """A count of packets or hops: an integer >= 1 (numpy integers too, 8.0 refused)."""
+    return require_int(f"{owner}: {field}", value, min=1, error=error)
 
 
 def _checked_node(node: object) -> Node:
@@ -488,6 +472,16 @@ class Network:
 
 
 # ---------------------------------------------------------------- shared routing pieces
+
+RouteFn: TypeAlias = Callable[[Network, Demand, Bounds], Route]
+"""A routing method: ``greedy_route``, ``exact_route`` or a baseline of ``baselines``.
+
+The router and the broadcast take one of these rather than a method's name,
+so agent/routing keeps no table of names (that is the desk tools'
+``tools.routing_methods``) and its modules import one another one way only.
+It returns a priced ``Route`` or raises ``NoRouteError`` with its reason.
+"""
+
 
 class RouteSearch:
     """What every routing method needs about one demand on one network, computed once.

@@ -26,10 +26,10 @@ is finite).
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from hal.require import require_int, require_real
 
 # Below this argument f(t) (see _excess) is summed as its Bernoulli series:
 # there 1/expm1(t) and 1/t are both ~1/t and their difference would cancel.
@@ -60,32 +60,6 @@ class QueueFigures:
     mean_in_system: float  # eq. 6, L_s, in service included
     mean_delay: float  # eq. 6, tau_delay: sojourn of an accepted packet (Little's law)
     throughput: float  # lambda (1 - P_loss) = mu (1 - p_0): accepted = forwarded
-
-
-def _positive_rate(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    x = float(value)
-    if math.isnan(x):
-        raise ValueError(f"{name} is NaN: no rate was measured")
-    if math.isinf(x):
-        raise ValueError(f"{name} is infinite: the queue has no steady state to report")
-    if x <= 0.0:
-        raise ValueError(f"{name} must be > 0 (packets per unit time), got {x!r}")
-    return x
-
-
-def _capacity(value: object) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"capacity must be an integer number of packets, got {value!r}")
-    try:
-        m = operator.index(value)  # int and numpy integers; 10.0 and 10.5 are refused
-    except TypeError:
-        raise ValueError(
-            f"capacity must be an integer number of packets, got {value!r}") from None
-    if m < 1:
-        raise ValueError(f"capacity must be >= 1 (room for the packet in service), got {m}")
-    return m
 
 
 def _excess(t: float) -> float:
@@ -125,9 +99,10 @@ def mm1m(arrival_rate: float, service_rate: float, capacity: int) -> QueueFigure
     capacity that is not an integer >= 1, or rates whose ratio over- or
     underflows a float (no meaningful rho).
     """
-    lam = _positive_rate("arrival_rate", arrival_rate)
-    mu = _positive_rate("service_rate", service_rate)
-    m = _capacity(capacity)
+    # A NaN rate was never measured; an infinite one has no steady state to report.
+    lam = require_real("arrival_rate", arrival_rate, above=0.0)
+    mu = require_real("service_rate", service_rate, above=0.0)
+    m = require_int("capacity", capacity, min=1)  # room for the packet in service
     rho = lam / mu  # eq. 5
     if rho == 0.0 or math.isinf(rho):
         raise ValueError(f"arrival_rate / service_rate = {lam!r} / {mu!r} is outside the "
@@ -172,10 +147,8 @@ def path_delay(hops: Sequence[QueueFigures], retransmit_wait: Sequence[float]) -
     for j, (hop, wait) in enumerate(zip(hops, waits, strict=True)):
         if not isinstance(hop, QueueFigures):
             raise ValueError(f"hop {j} is {type(hop).__name__}, not QueueFigures (see mm1m)")
-        if isinstance(wait, bool) or not isinstance(wait, numbers.Real) \
-                or not math.isfinite(wait) or wait < 0:
-            raise ValueError(f"retransmit_wait[{j}] must be a finite time >= 0, got {wait!r}")
-        terms.append(hop.mean_delay + hop.loss_probability * float(wait))
+        t_rw = require_real(f"retransmit_wait[{j}]", wait, min=0.0)
+        terms.append(hop.mean_delay + hop.loss_probability * t_rw)
     return math.fsum(terms)
 
 
@@ -192,11 +165,7 @@ def load_balance_degree(idle_bandwidth: Iterable[float]) -> float:
     """
     b = []
     for j, value in enumerate(idle_bandwidth):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"idle bandwidth of link {j} must be a real number, got {value!r}")
-        x = float(value)
-        if not math.isfinite(x):
-            raise ValueError(f"idle bandwidth of link {j} is {x!r}: not a measured bandwidth")
+        x = require_real(f"idle bandwidth of link {j}", value)
         if x < 0.0:
             raise ValueError(f"link {j} is over capacity (idle bandwidth {x!r} < 0); "
                              "eq. 9 requires B_j >= 0")

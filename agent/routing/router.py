@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 from agent.routing.network import (
@@ -59,6 +59,7 @@ from agent.routing.network import (
     NetworkError,
     NoRouteError,
     Route,
+    RouteFn,
     RouteSearch,
     make_route,
     no_route_reason,
@@ -144,25 +145,16 @@ def _label_key(label: tuple[float, tuple[str, ...], float]) -> tuple[float, tupl
     return label[0], label[1]
 
 
-def _method(name: str) -> Callable[[Network, Demand, Bounds], Route]:
-    from agent.routing.baselines import METHODS  # baselines import this module
-
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown routing method {name!r}; one of {sorted(METHODS)}") from None
-
-
 def broadcast_routes(network: Network, src: str, rate_bps: float, bounds: Bounds = DEFAULT_BOUNDS,
-                     method: str = "greedy", packet_bits: int = PACKET_BITS) -> dict[str, Route]:
+                     route_fn: RouteFn = greedy_route,
+                     packet_bits: int = PACKET_BITS) -> dict[str, Route]:
     """One route from ``src`` to every other terminal, destinations in name order.
 
-    Placed one after another: each route is computed on the network carrying
-    the previous ones (a broadcast is N - 1 unicast flows of ``rate_bps``).
-    Used for endorsement requests and block broadcast. NoRouteError for the
-    first destination (in name order) that has no route.
+    Placed one after another: each route is computed by ``route_fn`` on the
+    network carrying the previous ones (a broadcast is N - 1 unicast flows
+    of ``rate_bps``). Used for endorsement requests and block broadcast.
+    NoRouteError for the first destination (in name order) that has no route.
     """
-    route_fn = _method(method)
     network.node(src)
     out: dict[str, Route] = {}
     net = network
@@ -194,15 +186,19 @@ class Router:
 
     Placing a flow does not re-check the delay of flows already placed
     (eq. 9 is per demand); the next update or ``reroute`` does.
+
+    Every flow is routed by ``route_fn``: the greedy of eq. 9 unless the
+    caller passes another method (a baseline, or ``exact_route``).
     """
 
     def __init__(self, network: Network, bounds: Bounds = DEFAULT_BOUNDS, *,
-                 method: str = "greedy"):
+                 route_fn: RouteFn = greedy_route):
         if not isinstance(network, Network):
             raise TypeError(f"expected a Network, got {type(network).__name__}")
+        if not callable(route_fn):
+            raise TypeError(f"route_fn must be a routing function, got {route_fn!r}")
         self.bounds = bounds
-        self.method = method
-        self._route_fn = _method(method)
+        self.route_fn = route_fn
         self._base = network
         self._flows: dict[str, tuple[Demand, Route]] = {}
         self._stranded: dict[str, tuple[Demand, NoRouteError]] = {}
@@ -249,7 +245,7 @@ class Router:
 
     def _route(self, flow_id: str, demand: Demand) -> Route | None:
         try:
-            route = self._route_fn(self._network, demand, self.bounds)
+            route = self.route_fn(self._network, demand, self.bounds)
         except NoRouteError as err:
             self._stranded[flow_id] = (demand, err)
             return None
@@ -265,7 +261,7 @@ class Router:
         """
         if flow_id in self._flows or flow_id in self._stranded:
             raise ValueError(f"flow {flow_id!r} is already placed; remove it first")
-        route = self._route_fn(self._network, demand, self.bounds)
+        route = self.route_fn(self._network, demand, self.bounds)
         self._flows[flow_id] = (demand, route)
         self._rebuild()
         return route
