@@ -14,14 +14,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.keystore.material import BadProofError, make_rotation_proof
+from agent.keystore.material import BadProofError, ProofFault, make_rotation_proof
 from agent.keystore.store import (
     HEADROOM_SEGMENTS,
     DeviceKeyError,
+    KeyConflictError,
     KeyDestroyedError,
     KeyStore,
     Kind,
     MeterStatus,
+    PreparedKey,
     StoreCorruptError,
     StoredRecord,
     StoreFullError,
@@ -73,7 +75,10 @@ def test_put_rotate_get_retire_and_export_through_a_meters_life():
     store = open_store(blank())
     assert store.report.created and store.status(mid(1)) is MeterStatus.UNKNOWN
     store.put(mid(1), 1, key(1))
-    assert store.rotate(mid(1), make_rotation_proof(key(1), key(2))) == 2
+    prepared = store.prepare_rotation(mid(1), make_rotation_proof(key(1), key(2)))
+    assert (prepared.version, prepared.key) == (2, key(2))
+    assert store.versions(mid(1)) == (1,)  # prepared, not written
+    assert store.commit_key(prepared) and not store.commit_key(prepared)  # idempotent
     store.put(mid(1), 3, key(3))
     assert store.versions(mid(1)) == (1, 2, 3) and store.newest(mid(1)) == 3
     assert [store.get(mid(1), v) for v in (1, 2, 3)] == [key(1), key(2), key(3)]
@@ -149,7 +154,7 @@ def test_a_rotation_with_a_bad_proof_writes_nothing():
     store.put(mid(1), 1, key(1))
     before = bytes(dev.data)
     with pytest.raises(BadProofError):
-        store.rotate(mid(1), make_rotation_proof(key(7), key(2)))  # wrapped under another key
+        store.prepare_rotation(mid(1), make_rotation_proof(key(7), key(2)))  # another old key
     assert bytes(dev.data) == before and store.versions(mid(1)) == (1,)
 
 
@@ -514,7 +519,10 @@ def test_the_store_matches_a_dict_model_under_any_sequence_of_operations(ops):
                 if op == "put":
                     store.put(m, v, key(counter))
                 else:
-                    assert store.rotate(m, make_rotation_proof(live[v - 1], key(counter))) == v
+                    prepared = store.prepare_rotation(m, make_rotation_proof(live[v - 1],
+                                                                             key(counter)))
+                    assert prepared.version == v
+                    store.commit_key(prepared)
             except StoreFullError:
                 assert store.stats().live_bytes > 512  # several erase blocks are live
             else:
@@ -652,3 +660,54 @@ def test_the_device_key_file_opens_the_store_it_created(tmp_path):
     dev = blank()
     KeyStore(dev, dk).put(mid(1), 1, key(1))
     assert KeyStore(dev, load_device_key(tmp_path / "device.key")).get(mid(1)) == key(1)
+
+
+# ------------------------------------------------------------ commit protocol
+
+def test_preparing_a_rotation_writes_nothing_and_an_uncommitted_one_leaves_no_trace():
+    """Before, ``rotate`` wrote the new key before its block committed. Now prepare writes
+    nothing; a rotation whose block never commits leaves flash byte for byte as it was."""
+    dev = blank()
+    store = open_store(dev)
+    store.put(mid(1), 1, key(1))
+    before = bytes(dev.data)
+    prepared = store.prepare_rotation(mid(1), make_rotation_proof(key(1), key(2)))
+    assert bytes(dev.data) == before and store.versions(mid(1)) == (1,)
+    assert key(2).hex() not in repr(prepared) and str(key(2)) not in repr(prepared)
+    del prepared  # the block never committed
+    again = open_store(dev)
+    assert again.versions(mid(1)) == (1,) and again.get(mid(1)) == key(1)
+
+
+def test_a_committed_key_is_stored_once_and_a_retry_is_a_no_op():
+    dev = blank()
+    store = open_store(dev)
+    store.put(mid(1), 1, key(1))
+    prepared = store.prepare_rotation(mid(1), make_rotation_proof(key(1), key(2)))
+    assert store.commit_key(prepared) is True
+    after = bytes(dev.data)
+    assert store.commit_key(prepared) is False and bytes(dev.data) == after
+    rebooted = open_store(dev, seed=8)
+    assert rebooted.commit_key(prepared) is False  # a block delivered again after a reboot
+    assert rebooted.get(mid(1), 2) == key(2)
+
+
+def test_a_commit_never_overwrites_a_version_held_with_another_key():
+    store = open_store(blank())
+    store.put(mid(1), 1, key(1))
+    with pytest.raises(KeyConflictError):
+        store.commit_key(PreparedKey(mid(1), 1, key(9)))
+    assert store.get(mid(1), 1) == key(1)
+
+
+def test_a_rotation_back_to_a_key_the_meter_held_is_refused():
+    """Injected: the meter wraps its previous key under the current one (a downgrade)."""
+    store = open_store(blank())
+    store.put(mid(1), 1, key(1))
+    store.commit_key(store.prepare_rotation(mid(1), make_rotation_proof(key(1), key(2))))
+    with pytest.raises(BadProofError) as info:
+        store.prepare_rotation(mid(1), make_rotation_proof(key(2), key(1)))
+    assert info.value.fault is ProofFault.KEY_REUSED
+    with pytest.raises(BadProofError):
+        store.prepare_key(mid(1), 3, key(1))
+    assert store.versions(mid(1)) == (1, 2)

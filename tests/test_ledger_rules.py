@@ -29,6 +29,7 @@ from agent.ledger.rules import (
     Reason,
     Verdict,
     apply_block,
+    check_proposal,
     propose_block,
     validate_block,
     validate_block_bytes,
@@ -90,10 +91,20 @@ def commit(state: LedgerState, txs: Sequence[Transaction], **kw: object) -> Verd
 
 
 def codes(state: LedgerState, txs: Sequence[Transaction], **kw: object) -> tuple:
-    """The transaction codes a block of ``txs`` would get (nothing applied)."""
+    """The transaction codes an endorser's check gives a block of ``txs`` (nothing applied).
+
+    A block with any invalid transaction is refused whole (INVALID_TX), at
+    endorsement and at commit alike; without the endorse-time oracle the
+    ordered block gets the same codes.
+    """
     oracles = {k: kw.pop(k) for k in ("placement_home", "attest_proof") if k in kw}
-    verdict = validate_block(state, make_block(state, txs, **kw), **oracles)  # type: ignore
-    assert verdict.block_ok, verdict
+    block = make_block(state, txs, **kw)  # type: ignore[arg-type]
+    verdict = check_proposal(state, block, **oracles)  # type: ignore[arg-type]
+    assert verdict.block_ok == all(c is None for c in verdict.tx_codes), verdict
+    if not verdict.block_ok:
+        assert verdict.block_reason is Reason.INVALID_TX, verdict
+    if "attest_proof" not in oracles:
+        assert validate_block(state, block, **oracles) == verdict  # type: ignore[arg-type]
     return verdict.tx_codes
 
 
@@ -138,9 +149,13 @@ def test_lifecycle_register_rotate_rotate_revoke_register_again_migrate() -> Non
         (MeterStatus.LIVE, 4, fp(4), "ecd-03"),
     ]
     replica = fresh()  # a second terminal applying the same blocks
+
+    def placement(meter_id: bytes) -> str:
+        return "ecd-03"
+
     for height, (tx, want) in enumerate(zip(steps, expected, strict=True), start=1):
         block = make_block(state, [tx])
-        verdict = validate_block(state, block, placement_home=lambda m: "ecd-03")
+        verdict = validate_block(state, block, placement_home=placement)
         assert verdict == Verdict(True, None, (None,))
         changes = apply_block(state, block, verdict)
         entry = MeterEntry(*want, counter=10 + height - 1, height=height, tx_index=0)
@@ -148,7 +163,7 @@ def test_lifecycle_register_rotate_rotate_revoke_register_again_migrate() -> Non
         assert [(c.tx_index, c.kind, c.meter_id, c.entry) for c in changes.meters] == \
             [(0, tx.kind, METER, entry)]
         assert (changes.height, changes.block_hash) == (height, header_hash(block.header))
-        replica_verdict = validate_block(replica, block)
+        replica_verdict = validate_block(replica, block, placement_home=placement)
         assert replica_verdict == verdict
         apply_block(replica, block, replica_verdict)
         assert replica.meter(METER) == entry and replica.tip == state.tip
@@ -165,21 +180,29 @@ def test_transactions_in_one_block_see_the_earlier_valid_ones() -> None:
     assert state.meter(METER).key_version == 2
 
 
-def test_invalid_transactions_are_recorded_but_not_applied() -> None:
-    """Fabric-style: the block commits; the invalid tx leaves the state as it was."""
+def test_a_block_holding_an_invalid_transaction_is_refused_whole() -> None:
+    """Injected: a replayed ROTATE beside a valid REGISTER, endorsed by a majority.
+
+    Before, the block committed with the ROTATE marked invalid, so an
+    endorsed block carried a transaction the ledger never applied. Now the
+    block is refused as a whole and the verdict names the bad transaction,
+    so a proposer drops it and proposes again; nothing is applied.
+    """
     state = fresh()
     live_meter(state, counter=5)
     stale = B[1].rotate(METER, key_version=2, fingerprint=fp(2), proof=proof(2), counter=5)
     other = b"\x00\x00\x00\x00\x00\x09"
     fresh_reg = B[2].register(other, key_version=1, fingerprint=fp(9), counter=1)
     block = make_block(state, [stale, fresh_reg])
+    before = state.digest()
     verdict = validate_block(state, block)
-    assert verdict.block_ok and verdict.tx_codes == (Reason.REPLAYED_COUNTER, None)
-    assert verdict.valid_txs == 1
-    changes = apply_block(state, block, verdict)
-    assert [c.meter_id for c in changes.meters] == [other]
-    assert state.meter(METER).key_version == 1
-    assert state.tip.height == 2
+    assert verdict == Verdict(False, Reason.INVALID_TX, (Reason.REPLAYED_COUNTER, None))
+    assert verdict.valid_txs == 0
+    with pytest.raises(ValueError):
+        apply_block(state, block, verdict)
+    assert state.digest() == before and state.meter(other) is None
+    commit(state, [fresh_reg])  # the valid one alone commits
+    assert state.meter(other).key_version == 1 and state.meter(METER).key_version == 1
 
 
 def test_validate_block_does_not_change_the_state() -> None:
@@ -567,7 +590,7 @@ def replace_version(tx: Transaction, version: int) -> Transaction:
 def test_migrate_restating_another_key_is_rejected() -> None:
     state = fresh()
     live_meter(state)
-    tx = B[2].migrate(METER, new_home="ecd-02", key_version=1, fingerprint=fp(9), counter=2)
+    tx = B[1].migrate(METER, new_home="ecd-02", key_version=1, fingerprint=fp(9), counter=2)
     assert codes(state, [tx]) == (Reason.STALE_VERSION,)
 
 
@@ -587,7 +610,7 @@ def test_revoke_migrate_and_reregister_with_replayed_counter_are_rejected() -> N
     state = fresh()
     live_meter(state, counter=7)
     assert codes(state, [B[1].revoke(METER, key_version=1, counter=7),
-                         B[2].migrate(METER, new_home="ecd-02", key_version=1,
+                         B[1].migrate(METER, new_home="ecd-02", key_version=1,
                                       fingerprint=fp(1), counter=6)]) == \
         (Reason.REPLAYED_COUNTER, Reason.REPLAYED_COUNTER)
     commit(state, [B[1].revoke(METER, key_version=1, counter=8)])
@@ -669,12 +692,53 @@ def test_migrate_to_the_current_home_is_rejected() -> None:
 def test_migrate_away_from_placements_choice_is_rejected() -> None:
     state = fresh()
     live_meter(state, home=1)
-    tx = B[2].migrate(METER, new_home="ecd-02", key_version=1, fingerprint=fp(1), counter=2)
+    tx = B[1].migrate(METER, new_home="ecd-02", key_version=1, fingerprint=fp(1), counter=2)
     assert codes(state, [tx], placement_home=lambda m: "ecd-03") == \
         (Reason.MIGRATE_NOT_PLACEMENT_HOME,)
     assert codes(state, [tx], placement_home=lambda m: None) == \
         (Reason.MIGRATE_NOT_PLACEMENT_HOME,)
     assert codes(state, [tx], placement_home=lambda m: "ecd-02") == (None,)
+
+
+def test_a_new_home_cannot_take_a_live_meter_from_an_active_home() -> None:
+    """Injected: ecd-02 proposes to move ecd-01's meter to itself while ecd-01 is active.
+
+    Before, either home could propose a MIGRATE, so any terminal could take
+    any meter (and its key hand-over). Now only the old home gives a meter
+    away, unless placement names the new home or the old one is retired.
+    """
+    state = fresh()
+    live_meter(state, home=1)
+    grab = B[2].migrate(METER, new_home="ecd-02", key_version=1, fingerprint=fp(1), counter=2)
+    assert codes(state, [grab]) == (Reason.WRONG_HOME,)
+    assert codes(state, [grab], placement_home=lambda m: "ecd-03") == (Reason.WRONG_HOME,)
+    assert codes(state, [grab], placement_home=lambda m: "ecd-02") == (None,)
+    commit(state, [B[0].retire_terminal("ecd-01", T[1].public_bytes())])
+    # the old home is gone: the new one takes it (endorsed by a majority of the four left)
+    assert codes(state, [grab], endorsers=(T[0], T[2], T[3])) == (None,)
+
+
+def test_a_rotation_back_to_the_key_in_force_is_rejected() -> None:
+    """Injected: a ROTATE whose new key is the current one (version + 1, same fingerprint)."""
+    state = fresh()
+    live_meter(state)
+    same = B[1].rotate(METER, key_version=2, fingerprint=fp(1), proof=proof(2), counter=2)
+    assert codes(state, [same]) == (Reason.KEY_REUSED,)
+    new = B[1].rotate(METER, key_version=2, fingerprint=fp(2), proof=proof(2), counter=2)
+    assert codes(state, [new]) == (None,)
+
+
+def test_a_genesis_other_than_the_provisioned_one_is_refused() -> None:
+    """Injected: a well-formed, well-endorsed genesis of another fleet (other founders)."""
+    other = genesis(T[5], [(t.terminal_id, t.public_bytes()) for t in (T[5], T[4])],
+                    timestamp_ms=1, endorsers=[T[5], T[4]])
+    pinned = header_hash(GENESIS.header)
+    empty = LedgerState()
+    assert validate_block(empty, GENESIS, genesis_hash=pinned).block_ok
+    assert validate_block(empty, other).block_ok  # self-consistent on its own
+    assert block_reason(empty, other, genesis_hash=pinned) is Reason.FOREIGN_GENESIS
+    assert check_proposal(empty, other, genesis_hash=pinned).block_reason is \
+        Reason.FOREIGN_GENESIS
 
 
 def test_migrate_to_a_terminal_that_is_not_active_is_rejected() -> None:

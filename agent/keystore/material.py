@@ -50,6 +50,7 @@ class ProofFault(enum.Enum):
     UNWRAP_FAILED = "integrity check failed: wrong old key or tampered proof"
     REVOCATION = "the proof revokes the key; it carries no new key"
     KEY_UNCHANGED = "the new key equals the old key"
+    KEY_REUSED = "the new key is one this meter held before"
 
 
 class BadProofError(ValueError):

@@ -25,6 +25,15 @@ the ledger numbers key lines, and a migrated meter arrives with its current
 version. After that each put must be newest + 1 (the paper's update step).
 Older versions stay readable until ``retire``.
 
+Commit protocol (DESIGN.md, data path: nothing is written to the key store,
+and nothing erased, for an operation that has not committed). ``prepare_*``
+checks what a meter sent (unwraps a rotation proof under the newest key,
+refuses a key the meter held before) and returns a ``PreparedKey``, writing
+nothing; ``commit_key`` stores it once the ledger block has committed, and
+is idempotent (a retry after a reboot, or a block delivered twice, is a
+no-op); a prepared key that never commits is simply dropped. ``destroy``
+and ``hand_over`` are called only for a committed REVOKE or MIGRATE.
+
 Compaction. RecordLog.release frees only whole oldest segments, never the
 open one. A compaction therefore (1) closes the open segment with a FILLER
 record that fills it exactly, (2) copies every live record older than the
@@ -63,7 +72,15 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agent.keystore.material import KEY_BYTES, Entropy, check_key, open_rotation_proof
+from agent.keystore.material import (
+    KEY_BYTES,
+    BadProofError,
+    Entropy,
+    ProofFault,
+    check_key,
+    fingerprint,
+    open_rotation_proof,
+)
 from agent.keystore.transport import AllowList, seal_envelope
 from hal.blockdev import BlockDevice, open_partition
 from hal.board import Flash
@@ -145,6 +162,26 @@ class StoreCorruptError(KeyStoreError):
 
 class StoreFullError(KeyStoreError):
     """The live set leaves no room for the write even after compaction; nothing was written."""
+
+
+class KeyConflictError(KeyStoreError):
+    """A commit names a version this store holds with another key: never overwritten."""
+
+
+@dataclass(frozen=True)
+class PreparedKey:
+    """A checked key waiting for its ledger block: nothing of it is on flash yet."""
+
+    meter_id: bytes
+    version: int
+    key: bytes
+
+    @property
+    def fingerprint(self) -> bytes:
+        return fingerprint(self.key)
+
+    def __repr__(self) -> str:  # never print key material
+        return f"PreparedKey(meter_id={self.meter_id.hex()}, version={self.version})"
 
 
 # ------------------------------------------------------------------ records
@@ -464,8 +501,55 @@ class KeyStore:
 
     # -------------------------------------------------------------- writes
 
+    def prepare_key(self, meter_id: bytes, version: int, key: bytes) -> PreparedKey:
+        """Check that ``key`` may become ``version`` of the meter; writes nothing.
+
+        VersionError unless ``version`` is the next one (any version for a
+        meter not held); BadProofError(KEY_REUSED) for a key it held before.
+        """
+        mid = _check_meter_id(meter_id)
+        _check_version(version)
+        key = check_key(key)
+        m = self._index.get(mid)
+        if m is not None and not m.tomb_seq:
+            newest = max(m.versions)
+            if version != newest + 1:
+                raise VersionError(f"meter {mid.hex()} holds versions up to {newest}; "
+                                   f"the next is {newest + 1}, not {version}")
+            if any(self.get(mid, v) == key for v in m.versions):
+                raise BadProofError(ProofFault.KEY_REUSED, f"meter {mid.hex()}")
+        return PreparedKey(mid, version, key)
+
+    def prepare_rotation(self, meter_id: bytes, proof: bytes) -> PreparedKey:
+        """The paper's update, checked: open ``proof`` under the newest key; writes nothing.
+
+        BadProofError (material.py) when the proof does not open, or opens
+        to a key the meter held before.
+        """
+        version = self.newest(meter_id)
+        new = open_rotation_proof(self.get(meter_id, version), proof)
+        return self.prepare_key(meter_id, version + 1, new)
+
+    def commit_key(self, prepared: PreparedKey) -> bool:
+        """Store a prepared key once its block has committed; False when already stored.
+
+        Idempotent: the same version with the same key is a no-op;
+        KeyConflictError for the same version with another key.
+        """
+        m = self._index.get(prepared.meter_id)
+        if m is not None and prepared.version in m.versions:
+            if self.get(prepared.meter_id, prepared.version) != prepared.key:
+                raise KeyConflictError(f"meter {prepared.meter_id.hex()} version "
+                                       f"{prepared.version} is held with another key")
+            return False
+        self.put(prepared.meter_id, prepared.version, prepared.key)
+        return True
+
     def put(self, meter_id: bytes, version: int, key: bytes) -> None:
-        """Store ``key`` as ``version`` of the meter; durable when this returns."""
+        """Store ``key`` as ``version`` of the meter; durable when this returns.
+
+        The node stores keys through ``commit_key``; this is the raw write.
+        """
         mid = _check_meter_id(meter_id)
         _check_version(version)
         key = check_key(key)
@@ -484,16 +568,6 @@ class KeyStore:
         m.tomb_seq = 0
         m.versions[version] = seq
         self._live_bytes += record_size(record_payload_size(Kind.KEY, len(mid)))
-
-    def rotate(self, meter_id: bytes, proof: bytes) -> int:
-        """The paper's update: open ``proof`` under the newest key, store the new key; its version.
-
-        BadProofError (material.py) when the proof does not open; nothing is written then.
-        """
-        version = self.newest(meter_id)
-        new = open_rotation_proof(self.get(meter_id, version), proof)
-        self.put(meter_id, version + 1, new)
-        return version + 1
 
     def retire(self, meter_id: bytes, keep_from: int) -> int:
         """Drop the versions older than ``keep_from``; returns how many were dropped.

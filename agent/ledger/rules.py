@@ -1,21 +1,26 @@
 """The ledger's validation rules: a block in, a verdict with reason codes out.
 
-Two levels of fault, as in Hyperledger Fabric's validate phase:
+Two phases, as in execute-order-validate (Hyperledger Fabric), but with
+the parent fixed when a block is endorsed:
 
-- A block-level fault (wrong height or parent, bad PoW, unknown proposer,
-  too few or bad endorsements, ...) rejects the whole block; nothing of it
-  is applied.
-- A transaction-level fault (replayed counter, stale version, wrong home,
-  ...) marks that one transaction invalid; the block is still recorded and
-  its valid transactions applied. Transactions are checked in order against
-  the state as changed by the block's earlier valid ones.
+- ``check_proposal`` is what an endorser runs before it signs: every rule
+  but the quorum, including the home terminal's check of a rotation proof
+  it holds (``attest_proof``). It is the only place that oracle is asked.
+- ``validate_block`` is what every terminal runs as it applies an ordered
+  block, live or at a reboot's replay: every rule, the quorum included, and
+  no oracle that depends on what a terminal holds off the chain, so a live
+  append and a replay always reach the same state.
 
-The codes are not stored: they follow deterministically from the chain, so
-every terminal recomputes the same ones when it replays the chain. That
-holds when the optional oracles are deterministic too: ``placement_home``
-must be a function of chain data, and ``attest_proof`` (the home terminal's
-check of a rotation proof it holds) belongs at endorsement time, where a
-refusal only withholds a signature, not at commit time.
+A block carries only valid transactions. A transaction fault (replayed
+counter, stale version, wrong home, ...) rejects the whole block with
+``INVALID_TX``; the verdict still names each transaction's code, so a
+proposer drops the bad ones and proposes again. Fabric records invalid
+transactions because its endorsements are not tied to a parent and
+conflicts appear at ordering; here an endorsement signs one header over one
+parent, so validity is settled when it is signed. It also means an
+endorsed transaction is an applied one: a record proof (proof.py) shown to
+the master station can only be for a record the ledger applied, never for
+a transaction a block merely carried.
 
 Quorum (paper, section 2.2.1: "more than 50 % of the ECDs"): a block needs
 valid endorsements from more than half of the terminals active at its
@@ -29,14 +34,16 @@ Lifecycle (paper, section 2.2.1, steps 1-4; section 2.1 for migration):
 - REGISTER: the meter is unknown, or was revoked (a new key line: version
   and counter above the last); proposed by the home it names.
 - ROTATE: the meter is LIVE; version = current + 1; counter above the last;
-  a non-zero proof digest; proposed by the meter's home, naming it.
+  a non-zero proof digest; a fingerprint other than the current key's (no
+  rotation back to the key in force); proposed by the meter's home, naming it.
 - REVOKE: the meter is LIVE; version = the current one; counter above the
   last; proposed by the home. An operator's revoke (a stolen key) also goes
   through the home terminal, which proposes it with a zero proof.
 - MIGRATE: the meter is LIVE; the new home is another active terminal and,
   with a placement oracle, the one placement chose; version and fingerprint
-  restate the current key; counter above the last; proposed by the old home
-  or the new one (the new one when the old has failed or was retired).
+  restate the current key; counter above the last; proposed by the old home,
+  or by the new one only when the old home is retired or the placement
+  oracle names the new one: no terminal takes another's meter.
 - TERMINAL_ADD / TERMINAL_RETIRE: take effect from the next block, so the
   quorum and the proposers of a block never depend on the block itself.
   Ids and keys are never reused; at least one terminal stays active.
@@ -44,7 +51,9 @@ Lifecycle (paper, section 2.2.1, steps 1-4; section 2.1 for migration):
 The genesis block (height 0 on an empty state) is accepted when it is
 self-consistent: only TERMINAL_ADD transactions, all valid, proposed by one
 of the founders they name, endorsed by more than half of them. Any fault in
-it rejects it as a whole.
+it rejects it as a whole. A terminal knows its fleet's genesis hash from
+provisioning (``genesis_hash``) and refuses any other: a chain grown from
+another genesis is another fleet's, however well it is signed.
 """
 
 from __future__ import annotations
@@ -101,6 +110,8 @@ class Reason(enum.IntEnum):
     UNKNOWN_ENDORSER = 11
     BAD_ENDORSEMENT_SIGNATURE = 12
     BAD_GENESIS = 13  # a genesis holding other than TERMINAL_ADD transactions, or none
+    INVALID_TX = 14  # a transaction of the block is invalid (tx_codes says which and why)
+    FOREIGN_GENESIS = 15  # a valid genesis, but not the one this terminal was provisioned with
     # block or transaction level (the block's proposer / a transaction's proposer)
     UNKNOWN_PROPOSER = 20
     RETIRED_PROPOSER = 21
@@ -121,6 +132,7 @@ class Reason(enum.IntEnum):
     TERMINAL_KEY_MISMATCH = 43  # a retire naming a key the terminal does not hold
     LAST_TERMINAL = 44  # a retire that would leave no active terminal
     TOO_MANY_TERMINALS = 45
+    KEY_REUSED = 46  # a rotation to the key already in force
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +194,11 @@ def _state_member(state: LedgerState) -> Callable[[str], _Member | None]:
 
 def _check_endorsements(endorsements: Sequence[Endorsement], block_hash: bytes,
                         member: Callable[[str], _Member | None],
-                        active_count: int) -> Reason | None:
-    """Distinct known endorsers, all signatures valid, active ones > half of active_count."""
+                        active_count: int, *, quorum: bool = True) -> Reason | None:
+    """Distinct known endorsers, all signatures valid, active ones > half of active_count.
+
+    Without ``quorum`` (a proposal being endorsed) the count is not checked.
+    """
     seen: set[str] = set()
     found: list[tuple[Endorsement, _Member]] = []
     for e in endorsements:
@@ -200,7 +215,7 @@ def _check_endorsements(endorsements: Sequence[Endorsement], block_hash: bytes,
         if not verify_signature(m.verifier, e.signature, payload):
             return Reason.BAD_ENDORSEMENT_SIGNATURE
         counted += m.active
-    if 2 * counted <= active_count:
+    if quorum and 2 * counted <= active_count:
         return Reason.TOO_FEW_ENDORSEMENTS
     return None
 
@@ -287,13 +302,18 @@ def _check_meter_tx(tx: Transaction, view: _Pending, placement_home: PlacementOr
     if cur.status is MeterStatus.REVOKED:
         return Reason.REVOKED_METER
     if tx.kind is TxKind.MIGRATE:
-        if tx.proposer != cur.home and tx.proposer != tx.home:
-            return Reason.WRONG_HOME
         if tx.home == cur.home:
             return Reason.MIGRATE_SAME_HOME
+        placed = None if placement_home is None else placement_home(tx.meter_id)
+        # The old home gives the meter away; the new one may take it only from
+        # a retired home or where placement names it: no terminal takes another's.
+        if tx.proposer != cur.home and (
+                tx.proposer != tx.home
+                or (view.state.is_active(cur.home) and placed != tx.home)):
+            return Reason.WRONG_HOME
         if not view.stays_active(tx.home):
             return Reason.UNKNOWN_TERMINAL
-        if placement_home is not None and placement_home(tx.meter_id) != tx.home:
+        if placement_home is not None and placed != tx.home:
             return Reason.MIGRATE_NOT_PLACEMENT_HOME
         if tx.counter <= cur.counter:
             return Reason.REPLAYED_COUNTER
@@ -310,6 +330,8 @@ def _check_meter_tx(tx: Transaction, view: _Pending, placement_home: PlacementOr
             return Reason.STALE_VERSION
         if tx.proof == ZERO_HASH:
             return Reason.BAD_PROOF
+        if tx.fingerprint == cur.fingerprint:
+            return Reason.KEY_REUSED
     elif tx.key_version != cur.key_version:
         return Reason.STALE_VERSION
     if tx.proof != ZERO_HASH and attest_proof is not None and not attest_proof(tx):
@@ -352,19 +374,43 @@ def _record(tx: Transaction, view: _Pending, height: int, index: int) -> None:
 
 def validate_block(state: LedgerState, block: Block, *,
                    placement_home: PlacementOracle | None = None, require_pow: int = 0,
-                   attest_proof: ProofAttestor | None = None) -> Verdict:
-    """Check ``block`` as the next block on ``state``; pure, ``state`` is not changed.
+                   genesis_hash: bytes | None = None) -> Verdict:
+    """Check ordered ``block`` as the next block on ``state``; pure, ``state`` is not changed.
 
     ``require_pow``: the least PoW difficulty this chain demands (the paper
     uses 8). ``placement_home(meter_id)``: where placement homes a meter, for
-    MIGRATE. ``attest_proof(tx)``: False when this terminal holds the rotation
-    proof behind a non-zero ``tx.proof`` and its digest does not match.
+    MIGRATE; it must be a function of chain data. ``genesis_hash``: the
+    fleet's genesis from provisioning (None: accept any self-consistent one).
     """
+    return _verdict(state, block, placement_home, require_pow, genesis_hash, None, quorum=True)
+
+
+def check_proposal(state: LedgerState, block: Block, *,
+                   placement_home: PlacementOracle | None = None, require_pow: int = 0,
+                   genesis_hash: bytes | None = None,
+                   attest_proof: ProofAttestor | None = None) -> Verdict:
+    """What an endorser checks before it signs: every rule but the quorum.
+
+    ``attest_proof(tx)``: False when this terminal holds the rotation proof
+    behind a non-zero ``tx.proof`` and it does not hold (the home's check).
+    Endorsements already on the block are checked, not counted.
+    """
+    return _verdict(state, block, placement_home, require_pow, genesis_hash, attest_proof,
+                    quorum=False)
+
+
+def _verdict(state: LedgerState, block: Block, placement_home: PlacementOracle | None,
+             require_pow: int, genesis_hash: bytes | None, attest_proof: ProofAttestor | None,
+             *, quorum: bool) -> Verdict:
     if len(block.txs) > MAX_TXS_PER_BLOCK or len(block.endorsements) > MAX_ENDORSEMENTS:
         return _reject(Reason.BLOCK_TOO_LARGE)
     tip = state.tip
     if tip is None:
-        return _validate_genesis(block, require_pow)
+        verdict = _validate_genesis(block, require_pow, quorum)
+        if (verdict.block_ok and genesis_hash is not None
+                and header_hash(block.header) != genesis_hash):
+            return _reject(Reason.FOREIGN_GENESIS)
+        return verdict
     h = block.header
     if h.height != tip.height + 1:
         return _reject(Reason.WRONG_HEIGHT)
@@ -381,7 +427,7 @@ def validate_block(state: LedgerState, block: Block, *,
     bad = _header_checks(block, ids, require_pow)
     if bad is None:
         bad = _check_endorsements(block.endorsements, header_hash(h), _state_member(state),
-                                  state.active_count)
+                                  state.active_count, quorum=quorum)
     if bad is not None:
         return _reject(bad)
 
@@ -394,6 +440,8 @@ def validate_block(state: LedgerState, block: Block, *,
         if code is None:
             _record(tx, view, h.height, index)
         codes.append(code)
+    if any(c is not None for c in codes):
+        return Verdict(False, Reason.INVALID_TX, tuple(codes))
     return Verdict(True, None, tuple(codes))
 
 
@@ -414,7 +462,7 @@ def _check_tx(tx: Transaction, encoding: bytes, tid: bytes, seen: set[bytes], vi
     return _check_membership_tx(tx, view)
 
 
-def _validate_genesis(block: Block, require_pow: int) -> Verdict:
+def _validate_genesis(block: Block, require_pow: int, quorum: bool) -> Verdict:
     h = block.header
     if h.height != 0:
         return _reject(Reason.WRONG_HEIGHT)
@@ -442,7 +490,7 @@ def _validate_genesis(block: Block, require_pow: int) -> Verdict:
     bad = _header_checks(block, ids, require_pow)
     if bad is None:
         bad = _check_endorsements(block.endorsements, header_hash(h), founders.get,
-                                  len(founders))
+                                  len(founders), quorum=quorum)
     if bad is not None:
         return _reject(bad)
     return Verdict(True, None, (None,) * len(block.txs))
@@ -450,8 +498,7 @@ def _validate_genesis(block: Block, require_pow: int) -> Verdict:
 
 def validate_block_bytes(state: LedgerState, data: bytes, *,
                          placement_home: PlacementOracle | None = None, require_pow: int = 0,
-                         attest_proof: ProofAttestor | None = None
-                         ) -> tuple[Block | None, Verdict]:
+                         genesis_hash: bytes | None = None) -> tuple[Block | None, Verdict]:
     """Decode then validate: an undecodable block is BAD_ENCODING (WRONG_VERSION for a version)."""
     try:
         block = decode_block(data)
@@ -460,7 +507,7 @@ def validate_block_bytes(state: LedgerState, data: bytes, *,
     except DecodeError:
         return None, _reject(Reason.BAD_ENCODING)
     return block, validate_block(state, block, placement_home=placement_home,
-                                 require_pow=require_pow, attest_proof=attest_proof)
+                                 require_pow=require_pow, genesis_hash=genesis_hash)
 
 
 # --------------------------------------------------------------------- apply
@@ -482,9 +529,7 @@ def apply_block(state: LedgerState, block: Block, verdict: Verdict) -> Changes:
         raise ValueError("the block does not extend this state's tip")
     meters: list[MeterChange] = []
     terminals: list[TerminalChange] = []
-    for index, (tx, code) in enumerate(zip(block.txs, verdict.tx_codes, strict=True)):
-        if code is not None:
-            continue
+    for index, tx in enumerate(block.txs):  # an accepted block holds only valid transactions
         if tx.kind.is_meter:
             entry = _meter_effect(tx, state.meter(tx.meter_id), h.height, index)
             state.put_meter(tx.meter_id, entry)
@@ -496,6 +541,8 @@ def apply_block(state: LedgerState, block: Block, verdict: Verdict) -> Changes:
                 state.retire_terminal(tx.terminal, h.height)
             terminals.append(TerminalChange(index, tx.kind, tx.terminal))
     state.advance_tip(Tip(h.height, block_hash, h.timestamp_ms))
+    if h.height == 0:
+        state.genesis_hash = block_hash
     return Changes(h.height, block_hash, tuple(meters), tuple(terminals))
 
 

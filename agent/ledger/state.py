@@ -18,8 +18,9 @@ cannot bring it back).
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -56,6 +57,12 @@ class MeterEntry(NamedTuple):
 # status, version, fingerprint, home#, counter, height, tx index, record id
 _ENTRY = struct.Struct(">BI32sHQQHQ")
 
+DOMAIN_STATE = b"edgekey/state-digest/v1"
+_NO_HEIGHT = 2**64 - 1  # "none" (not retired; no tip) in the digest's canonical form
+# A meter in the digest: status, version, fingerprint, counter, height, tx index (the
+# id and home go before it, length-prefixed). The record id is storage, not state.
+_DIGEST_METER = struct.Struct(">BI32sQQH")
+
 
 @dataclass(slots=True)
 class TerminalInfo:
@@ -84,7 +91,8 @@ class Tip:
 class LedgerState:
     """Meter table + membership + tip; changed only by ``rules.apply_block``."""
 
-    __slots__ = ("_active", "_home_index", "_keys", "_meters", "_names", "_terminals", "tip")
+    __slots__ = ("_active", "_home_index", "_keys", "_meters", "_names", "_terminals",
+                 "genesis_hash", "tip")
 
     def __init__(self) -> None:
         self._meters: dict[bytes, bytes] = {}
@@ -94,6 +102,7 @@ class LedgerState:
         self._keys: set[bytes] = set()
         self._active = 0
         self.tip: Tip | None = None
+        self.genesis_hash: bytes | None = None  # header hash of block 0, once applied
 
     # ---------------------------------------------------------------- reads
 
@@ -175,7 +184,58 @@ class LedgerState:
     def advance_tip(self, tip: Tip) -> None:
         self.tip = tip
 
+    def digest(self) -> bytes:
+        """SHA-256 of the whole state (meters, membership, tip, genesis): O(meters log meters).
+
+        What ``Chain.verify`` compares and the model-based test checks; see
+        ``state_digest`` for the canonical form.
+        """
+        meters = ((mid, self.meter(mid)) for mid in sorted(self._meters))
+        terminals = ((i.terminal_id, i.public_key, i.added_height, i.retired_height)
+                     for i in self.terminals_in_order())
+        return state_digest(meters, terminals, self.tip, self.genesis_hash)  # type: ignore[arg-type]
+
     def replace_with(self, other: LedgerState) -> None:
         """Take over ``other``'s contents (a state restored from a snapshot)."""
         for name in LedgerState.__slots__:
             setattr(self, name, getattr(other, name))
+
+
+def _short(data: bytes) -> bytes:
+    return len(data).to_bytes(1, "big") + data
+
+
+def state_digest(meters: Iterable[tuple[bytes, MeterEntry]],
+                 terminals: Iterable[tuple[str, bytes, int, int | None]],
+                 tip: Tip | None, genesis_hash: bytes | None) -> bytes:
+    """The canonical digest of a ledger state, from plain values.
+
+    ``meters`` in ascending meter-id order; ``terminals`` (id, public key,
+    added height, retired height or None) in the order they were added. Any
+    implementation of the rules (a model, another terminal) that reaches the
+    same state gets the same digest.
+    """
+    h = hashlib.sha256(DOMAIN_STATE)
+    count = 0
+    for meter_id, e in meters:
+        h.update(_short(meter_id))
+        h.update(_short(e.home.encode()))
+        h.update(_DIGEST_METER.pack(int(e.status), e.key_version, e.fingerprint, e.counter,
+                                    e.height, e.tx_index))
+        count += 1
+    h.update(count.to_bytes(8, "big"))
+    count = 0
+    for terminal_id, public_key, added, retired in terminals:
+        h.update(_short(terminal_id.encode()))
+        h.update(public_key)
+        h.update(added.to_bytes(8, "big"))
+        h.update((_NO_HEIGHT if retired is None else retired).to_bytes(8, "big"))
+        count += 1
+    h.update(count.to_bytes(8, "big"))
+    if tip is None:
+        h.update(_NO_HEIGHT.to_bytes(8, "big"))
+    else:
+        h.update(tip.height.to_bytes(8, "big") + tip.block_hash
+                 + tip.timestamp_ms.to_bytes(8, "big"))
+    h.update(genesis_hash or bytes(32))
+    return h.digest()

@@ -1,0 +1,787 @@
+"""The node core: one terminal's data path as events in, actions out (h11-shaped).
+
+    meter request -> check (key store prepares, writes nothing) -> signed tx
+      -> block proposed, endorsed by more than half of the terminals
+      -> submitted for ordering -> ordered block validated and appended
+         (by the runtime, ``Chain.append``) -> BlockCommitted
+      -> key-store effect from the committed block (StoreKey / EraseKey /
+         SendKey) -> its result -> the meter's acknowledgement
+
+No sockets, files, clocks or threads: the runtime moves bytes and feeds
+``handle(event, at)``. The core reads two ports and writes neither: the
+ledger state in RAM (the chain's ``LedgerState``, changed only by
+``Chain.append``) and the key store's read-and-check calls
+(``prepare_key``, ``prepare_rotation``, ``get``), which write nothing.
+Every write is an action.
+
+Bounded: at most ``max_inflight`` operations, one block in flight, every
+operation answered by its deadline (endorsement rounds time out and are
+retried ``max_rounds`` times), conflict and reading-counter tables capped.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.keystore.material import (
+    BadProofError,
+    ProofFault,
+    fingerprint,
+    is_revocation_proof,
+    open_rotation_proof,
+)
+from agent.keystore.store import (
+    KeyStoreError,
+    PreparedKey,
+    VersionError,
+)
+from agent.keystore.store import (
+    MeterStatus as StoreStatus,
+)
+from agent.ledger.block import Block, endorse, header_hash, verify_endorsement, with_endorsements
+from agent.ledger.codec import ZERO_HASH
+from agent.ledger.identity import TerminalIdentity
+from agent.ledger.rules import PlacementOracle, Reason, check_proposal, propose_block
+from agent.ledger.state import LedgerState, MeterEntry, MeterStatus
+from agent.ledger.tx import (
+    METER_ID_MAX,
+    METER_ID_MIN,
+    U32_MAX,
+    U64_MAX,
+    Transaction,
+    TxBuilder,
+    TxKind,
+    rotation_proof_digest,
+    tx_id,
+)
+from agent.node import events as ev
+from agent.node.actions import (
+    AcceptReading,
+    Acknowledge,
+    AcknowledgeKey,
+    Action,
+    AnswerQuery,
+    EraseKey,
+    Log,
+    Nak,
+    Op,
+    Refuse,
+    RefuseEndorsement,
+    RequestEndorsements,
+    SendEndorsement,
+    SendKey,
+    StoreKey,
+    SubmitBlock,
+)
+from agent.node.errors import LocalProtocolError
+from agent.node.operation import Operation
+from agent.node.opstate import OpState
+from agent.node.reading import BadReading, open_reading
+
+# Operations in flight at once: a terminal homes a few hundred meters (the
+# paper's 25 per cluster, up to about 1000 on a PL terminal), so a burst of
+# every meter re-keying at once still fits.
+DEFAULT_MAX_INFLIGHT = 4096
+# Endorsement signatures this terminal remembers giving, per (meter, version),
+# to refuse a conflicting second one before the first's height commits.
+MAX_SIGNED_GUARD = 16384
+# Keys of operations whose round timed out after submission: the block may
+# still commit later, and its key-store effect must still happen.
+MAX_LATE = 1024
+# Meters whose reading counter is tracked (those homed here).
+MAX_READING_COUNTERS = 1 << 20
+
+
+class KeyPort(Protocol):
+    """The key store's read-and-check side, as the core uses it (KeyStore satisfies it)."""
+
+    def status(self, meter_id: bytes) -> StoreStatus: ...
+    def versions(self, meter_id: bytes) -> tuple[int, ...]: ...
+    def get(self, meter_id: bytes, version: int | None = None) -> bytes: ...
+    def prepare_key(self, meter_id: bytes, version: int, key: bytes) -> PreparedKey: ...
+    def prepare_rotation(self, meter_id: bytes, proof: bytes) -> PreparedKey: ...
+    def live_meters(self) -> list[bytes]: ...
+
+
+FactoryKeys = Callable[[bytes], "bytes | None"]  # meter id -> factory key (provisioning)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A terminal's node settings: its identity, the board's [ledger] section, its limits."""
+
+    identity: TerminalIdentity
+    txs_per_block: int = 1000  # board [ledger] txs_per_block
+    pow_difficulty: int = 0  # board [ledger] pow_difficulty
+    genesis_hash: bytes | None = None  # the fleet's block 0, from provisioning
+    placement_home: PlacementOracle | None = None
+    factory_key: FactoryKeys | None = None
+    round_timeout_s: float = 2.0  # endorsements of one round
+    order_timeout_s: float = 5.0  # an endorsed block back from the ordering
+    op_timeout_s: float = 30.0  # any operation, from request to answer
+    max_rounds: int = 3
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.txs_per_block <= 1024:
+            raise LocalProtocolError("txs_per_block must be 1..1024")
+        for name in ("round_timeout_s", "order_timeout_s", "op_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise LocalProtocolError(f"{name} must be positive")
+        if self.max_rounds < 1 or self.max_inflight < 1:
+            raise LocalProtocolError("max_rounds and max_inflight must be at least 1")
+
+
+@dataclass(slots=True, eq=False)
+class _Round:
+    """The one block this terminal has proposed and not yet seen committed."""
+
+    block: Block
+    block_hash: bytes
+    ops: list[Operation]
+    endorsements: dict[str, object]
+    refused: set[str]
+    deadline: float
+    submitted: bool = False
+
+
+class Node:
+    """One terminal's node core (module docstring). ``ledger`` is read, never written."""
+
+    def __init__(self, config: NodeConfig, ledger: LedgerState, keys: KeyPort):
+        self.config = config
+        self.identity = config.identity
+        self.self_id = config.identity.terminal_id
+        self.ledger = ledger
+        self.keys = keys
+        self.builder = TxBuilder(config.identity)
+        self._ops: dict[bytes, Operation] = {}  # meter id -> its operation in flight
+        self._by_tx: dict[bytes, Operation] = {}  # tx id -> operation (checked and later)
+        self._queue: list[Operation] = []  # checked, waiting for a round
+        self._round: _Round | None = None
+        self._late: OrderedDict[bytes, Operation] = OrderedDict()
+        self._signed: OrderedDict[tuple[bytes, int], tuple[bytes, int]] = OrderedDict()
+        self._handovers: dict[bytes, tuple[str, int]] = {}  # meter -> (new home, version)
+        self._receiving: dict[bytes, str] = {}  # meter -> old home whose key we stored
+        self._reading_counters: OrderedDict[bytes, int] = OrderedDict()
+        self.pending_keys: set[bytes] = set()  # chain names a key this store lacks
+        self.counters: dict[str, int] = {}
+
+    # ================================================================ entry
+
+    def handle(self, event: ev.Event, at: ev.Time) -> list[Action]:
+        """Take one event; return what the runtime must do, in order."""
+        out: list[Action] = []
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            raise LocalProtocolError(f"not a node event: {type(event).__name__}")
+        self._count(f"event.{type(event).__name__}")
+        handler(self, event, at, out)
+        self._expire(at, out)
+        self._start_round(at, out)
+        return out
+
+    def boot(self, at: ev.Time) -> list[Action]:
+        """Reconcile the key store with the chain after a (re)boot; see reconcile.py."""
+        from agent.node.reconcile import reconcile  # reconcile uses this module's types
+        out: list[Action] = []
+        plan = reconcile(self.ledger, self.keys, self.self_id)
+        self.pending_keys = set(plan.pending)
+        for meter_id, home, version in plan.hand_over:
+            self._handovers[meter_id] = (home, version)
+            out.append(SendKey(home, meter_id, version))
+        out.extend(EraseKey(m) for m in plan.erase)
+        out.append(Log("node.reconciled", (("erase", len(plan.erase)),
+                                           ("hand_over", len(plan.hand_over)),
+                                           ("pending", len(plan.pending)),
+                                           ("ahead", len(plan.ahead)))))
+        for meter_id in plan.ahead:
+            out.append(Log("keystore.ahead_of_chain", (("meter", meter_id.hex()),)))
+        return out
+
+    @property
+    def inflight(self) -> int:
+        return len(self._ops)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # ====================================================== meter requests
+
+    def _refuse(self, out: list[Action], op: Op, meter_id: bytes, request_id: int, reason: Nak,
+                detail: str = "", **extra: object) -> None:
+        self._count(f"refused.{reason.name}")
+        out.append(Refuse(meter_id, request_id, op, reason, detail, **extra))  # type: ignore[arg-type]
+
+    def _admit(self, op: Op, meter_id: bytes, request_id: int, counter: int | None,
+               at: ev.Time, out: list[Action]) -> Operation | None:
+        """Field and capacity checks shared by every request; the new operation, or None."""
+        if not (isinstance(meter_id, bytes) and METER_ID_MIN <= len(meter_id) <= METER_ID_MAX
+                and isinstance(request_id, int) and 0 <= request_id <= U64_MAX
+                and (counter is None or (isinstance(counter, int) and 0 <= counter <= U64_MAX))):
+            self._refuse(out, op, bytes(meter_id) if isinstance(meter_id, bytes) else b"",
+                         request_id if isinstance(request_id, int) else 0, Nak.BAD_REQUEST,
+                         "meter id, request id or counter out of range")
+            return None
+        busy = self._ops.get(meter_id)
+        if busy is not None:
+            if busy.request_id == request_id and busy.op is op:
+                self._count("duplicate_request")  # a resent request: its answer will come
+            else:
+                self._refuse(out, op, meter_id, request_id, Nak.BUSY,
+                             f"{busy.op.value} {busy.request_id} in flight")
+            return None
+        if len(self._ops) >= self.config.max_inflight:
+            self._refuse(out, op, meter_id, request_id, Nak.OVERLOADED,
+                         f"{len(self._ops)} operations in flight")
+            return None
+        return Operation(op, meter_id, request_id, at.mono + self.config.op_timeout_s)
+
+    def _home_entry(self, op: Op, meter_id: bytes, request_id: int,
+                    out: list[Action]) -> MeterEntry | None:
+        """The meter's entry if it is live and homed here; otherwise refuse and None."""
+        entry = self.ledger.meter(meter_id)
+        if entry is None:
+            self._refuse(out, op, meter_id, request_id, Nak.UNKNOWN_METER)
+        elif entry.status is MeterStatus.REVOKED:
+            self._refuse(out, op, meter_id, request_id, Nak.REVOKED, counter=entry.counter)
+        elif entry.home != self.self_id:
+            self._refuse(out, op, meter_id, request_id, Nak.NOT_HOME, home=entry.home)
+        else:
+            return entry
+        return None
+
+    def _on_register(self, e: ev.RegisterRequest, at: ev.Time, out: list[Action]) -> None:
+        op = self._admit(Op.REGISTER, e.meter_id, e.request_id, e.counter, at, out)
+        if op is None:
+            return
+        if not (isinstance(e.key_version, int) and 1 <= e.key_version <= U32_MAX):
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.BAD_REQUEST,
+                                "key version must be 1..2^32-1")
+        factory = self.config.factory_key(e.meter_id) if self.config.factory_key else None
+        if factory is None:
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.NO_FACTORY_KEY)
+        try:
+            key = open_rotation_proof(factory, e.wrapped_key)
+        except BadProofError as exc:
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.BAD_PROOF, str(exc))
+        entry = self.ledger.meter(e.meter_id)
+        if entry is not None and entry.status is MeterStatus.LIVE:
+            if entry.home != self.self_id:
+                return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.NOT_HOME,
+                                    home=entry.home)
+            if (entry.counter, entry.key_version, entry.fingerprint) == \
+                    (e.counter, e.key_version, fingerprint(key)):
+                return self._committed_retry(op, PreparedKey(e.meter_id, e.key_version, key),
+                                             entry, out)
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.LEDGER_REFUSED,
+                                "the meter is live", ledger_reason=Reason.REGISTER_LIVE_METER)
+        if entry is not None:  # revoked: a new key line above the last
+            if e.counter <= entry.counter:
+                return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.REPLAYED,
+                                    counter=entry.counter)
+            if e.key_version <= entry.key_version:
+                return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.STALE_VERSION,
+                                    f"above {entry.key_version}")
+        prepared = self._prepare(op, out, lambda: self.keys.prepare_key(e.meter_id,
+                                                                        e.key_version, key))
+        if prepared is None:
+            return
+        tx = self.builder.register(e.meter_id, key_version=e.key_version,
+                                   fingerprint=prepared.fingerprint, counter=e.counter)
+        self._enqueue(op, tx, prepared)
+
+    def _on_rotate(self, e: ev.RotateRequest, at: ev.Time, out: list[Action]) -> None:
+        op = self._admit(Op.ROTATE, e.meter_id, e.request_id, e.counter, at, out)
+        if op is None:
+            return
+        entry = self._home_entry(op.op, e.meter_id, e.request_id, out)
+        if entry is None:
+            return
+        held = self._held_versions(e.meter_id)
+        if e.counter <= entry.counter:
+            if e.counter == entry.counter and entry.key_version - 1 in held:
+                # the rotation committed before a reboot or a lost acknowledgement
+                try:
+                    key = open_rotation_proof(self.keys.get(e.meter_id, entry.key_version - 1),
+                                              e.proof)
+                except (BadProofError, KeyStoreError):
+                    key = b""
+                if key and fingerprint(key) == entry.fingerprint:
+                    return self._committed_retry(
+                        op, PreparedKey(e.meter_id, entry.key_version, key), entry, out)
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.REPLAYED,
+                                counter=entry.counter)
+        if entry.key_version not in held:
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.KEY_PENDING,
+                                f"version {entry.key_version} not received yet")
+        prepared = self._prepare(op, out, lambda: self.keys.prepare_rotation(e.meter_id, e.proof))
+        if prepared is None:
+            return
+        if prepared.version != entry.key_version + 1:
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.STALE_VERSION,
+                                f"the store holds {prepared.version - 1}, the chain "
+                                f"{entry.key_version}")
+        tx = self.builder.rotate(e.meter_id, key_version=prepared.version,
+                                 fingerprint=prepared.fingerprint,
+                                 proof=rotation_proof_digest(e.proof), counter=e.counter)
+        self._enqueue(op, tx, prepared)
+
+    def _on_revoke(self, e: ev.RevokeRequest, at: ev.Time, out: list[Action]) -> None:
+        op = self._admit(Op.REVOKE, e.meter_id, e.request_id, e.counter, at, out)
+        if op is None:
+            return
+        entry = self.ledger.meter(e.meter_id)
+        if (entry is not None and entry.status is MeterStatus.REVOKED
+                and entry.home == self.self_id and entry.counter == e.counter):
+            return self._committed_retry(op, None, entry, out)  # the revoke committed
+        entry = self._home_entry(op.op, e.meter_id, e.request_id, out)
+        if entry is None:
+            return
+        if e.counter <= entry.counter:
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.REPLAYED,
+                                counter=entry.counter)
+        if entry.key_version not in self._held_versions(e.meter_id):
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.KEY_PENDING)
+        if not is_revocation_proof(self.keys.get(e.meter_id, entry.key_version), e.proof):
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.BAD_PROOF,
+                                "not the empty key under the key in force")
+        tx = self.builder.revoke(e.meter_id, key_version=entry.key_version, counter=e.counter,
+                                 proof=rotation_proof_digest(e.proof))
+        self._enqueue(op, tx, None)
+
+    def _on_operator_revoke(self, e: ev.OperatorRevoke, at: ev.Time, out: list[Action]) -> None:
+        op = self._admit(Op.REVOKE, e.meter_id, e.request_id, None, at, out)
+        if op is None:
+            return
+        entry = self._home_entry(op.op, e.meter_id, e.request_id, out)
+        if entry is None:
+            return
+        tx = self.builder.revoke(e.meter_id, key_version=entry.key_version,
+                                 counter=entry.counter + 1, proof=ZERO_HASH)
+        self._enqueue(op, tx, None)
+
+    def _on_migrate(self, e: ev.MigrateRequest, at: ev.Time, out: list[Action]) -> None:
+        op = self._admit(Op.MIGRATE, e.meter_id, e.request_id, None, at, out)
+        if op is None:
+            return
+        entry = self._home_entry(op.op, e.meter_id, e.request_id, out)
+        if entry is None:
+            return
+        if e.new_home == self.self_id or not self.ledger.is_active(e.new_home):
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.BAD_REQUEST,
+                                f"{e.new_home!r} is not another active terminal")
+        if entry.key_version not in self._held_versions(e.meter_id):
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.KEY_PENDING)
+        tx = self.builder.migrate(e.meter_id, new_home=e.new_home, key_version=entry.key_version,
+                                  fingerprint=entry.fingerprint, counter=entry.counter + 1)
+        self._enqueue(op, tx, None)
+
+    def _on_reading(self, e: ev.ReadingRequest, at: ev.Time, out: list[Action]) -> None:
+        op = self._admit(Op.READING, e.meter_id, e.request_id, e.counter, at, out)
+        if op is None:
+            return
+        entry = self._home_entry(op.op, e.meter_id, e.request_id, out)
+        if entry is None:
+            return
+        last = self._reading_counters.get(e.meter_id, -1)
+        if e.counter <= last:
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.REPLAYED_READING,
+                                counter=last)
+        if entry.key_version not in self._held_versions(e.meter_id):
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.KEY_PENDING)
+        try:
+            plain = open_reading(self.keys.get(e.meter_id, entry.key_version), e.sealed,
+                                 meter_id=e.meter_id, key_version=entry.key_version,
+                                 counter=e.counter)
+        except BadReading as exc:
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.BAD_READING, str(exc))
+        self._reading_counters[e.meter_id] = e.counter
+        self._reading_counters.move_to_end(e.meter_id)
+        while len(self._reading_counters) > MAX_READING_COUNTERS:
+            self._reading_counters.popitem(last=False)
+        out.append(AcceptReading(e.meter_id, e.request_id, e.counter, plain))
+        out.append(Acknowledge(e.meter_id, e.request_id, Op.READING, entry.key_version))
+
+    def _on_query(self, e: ev.QueryRequest, at: ev.Time, out: list[Action]) -> None:
+        entry = self.ledger.meter(e.meter_id) if isinstance(e.meter_id, bytes) else None
+        if entry is None:
+            out.append(AnswerQuery(e.meter_id, e.request_id, "unknown"))
+        elif entry.status is MeterStatus.REVOKED:
+            out.append(AnswerQuery(e.meter_id, e.request_id, "revoked", entry.home,
+                                   entry.key_version, None, entry.height))
+        else:
+            answer = "local" if entry.home == self.self_id else "remote"
+            out.append(AnswerQuery(e.meter_id, e.request_id, answer, entry.home,
+                                   entry.key_version, entry.fingerprint, entry.height))
+
+    # ------------------------------------------------------------ helpers
+
+    def _held_versions(self, meter_id: bytes) -> tuple[int, ...]:
+        return self.keys.versions(meter_id) if self.keys.status(meter_id) is \
+            StoreStatus.LIVE else ()
+
+    def _prepare(self, op: Operation, out: list[Action],
+                 prepare: Callable[[], PreparedKey]) -> PreparedKey | None:
+        try:
+            return prepare()
+        except BadProofError as exc:
+            reason = Nak.KEY_REUSED if exc.fault is ProofFault.KEY_REUSED else Nak.BAD_PROOF
+            self._refuse(out, op.op, op.meter_id, op.request_id, reason, str(exc))
+        except VersionError as exc:
+            self._refuse(out, op.op, op.meter_id, op.request_id, Nak.STALE_VERSION, str(exc))
+        except KeyStoreError as exc:
+            self._refuse(out, op.op, op.meter_id, op.request_id, Nak.KEY_PENDING, str(exc))
+        return None
+
+    def _enqueue(self, op: Operation, tx: Transaction, prepared: PreparedKey | None) -> None:
+        op.tx, op.tx_id, op.prepared, op.key_version = tx, tx_id(tx), prepared, tx.key_version
+        op.advance(OpState.CHECKED)
+        self._ops[op.meter_id] = op
+        self._by_tx[op.tx_id] = op
+        self._queue.append(op)
+
+    def _committed_retry(self, op: Operation, prepared: PreparedKey | None, entry: MeterEntry,
+                         out: list[Action]) -> None:
+        """A request whose operation already committed: finish its key-store effect, answer."""
+        self._count("committed_retry")
+        op.key_version, op.height, op.prepared = entry.key_version, entry.height, prepared
+        op.advance(OpState.APPLIED)
+        self._ops[op.meter_id] = op
+        if prepared is not None:
+            if prepared.version in self._held_versions(op.meter_id):
+                return self._acknowledge(op, out)
+            out.append(StoreKey(prepared))
+        elif self.keys.status(op.meter_id) is StoreStatus.LIVE:
+            out.append(EraseKey(op.meter_id))
+        else:
+            self._acknowledge(op, out)
+
+    def _acknowledge(self, op: Operation, out: list[Action]) -> None:
+        op.advance(OpState.ACKNOWLEDGED)
+        self._forget(op)
+        self._count(f"acknowledged.{op.op.value}")
+        out.append(Acknowledge(op.meter_id, op.request_id, op.op, op.key_version, op.height))
+
+    def _fail(self, op: Operation, out: list[Action], reason: Nak, detail: str = "",
+              ledger_reason: Reason | None = None) -> None:
+        op.advance(OpState.REFUSED)
+        self._forget(op)
+        self._refuse(out, op.op, op.meter_id, op.request_id, reason, detail,
+                     ledger_reason=ledger_reason)
+
+    def _forget(self, op: Operation) -> None:
+        if self._ops.get(op.meter_id) is op:
+            del self._ops[op.meter_id]
+        self._by_tx.pop(op.tx_id, None)
+        if op in self._queue:
+            self._queue.remove(op)
+
+    # ============================================================ proposing
+
+    def _attest(self, tx: Transaction) -> bool:
+        """The home's check of a proof it holds: only its own checked operations pass."""
+        if tx.proposer != self.self_id or tx.proof == ZERO_HASH:
+            return True
+        op = self._by_tx.get(tx_id(tx))
+        return op is not None and op.tx == tx
+
+    def _majority(self, signers: int) -> bool:
+        return 2 * signers > self.ledger.active_count
+
+    def _start_round(self, at: ev.Time, out: list[Action]) -> None:
+        if self._round is not None or not self._queue or self.ledger.tip is None:
+            return
+        if not self.ledger.is_active(self.self_id):
+            for op in list(self._queue):
+                self._fail(op, out, Nak.LEDGER_REFUSED, "this terminal is not an active member",
+                           Reason.RETIRED_PROPOSER)
+            return
+        while self._queue:
+            ops = self._queue[:self.config.txs_per_block]
+            block = propose_block(self.ledger, self.identity, [op.tx for op in ops],  # type: ignore[misc]
+                                  timestamp_ms=at.wall_ms, difficulty=self.config.pow_difficulty)
+            verdict = check_proposal(self.ledger, block, placement_home=self.config.placement_home,
+                                     require_pow=self.config.pow_difficulty,
+                                     genesis_hash=self.config.genesis_hash,
+                                     attest_proof=self._attest)
+            if verdict.block_ok:
+                break
+            if verdict.block_reason is not Reason.INVALID_TX:  # nothing of ours can pass
+                for op in ops:
+                    self._fail(op, out, Nak.LEDGER_REFUSED, "", verdict.block_reason)
+                continue
+            for op, code in zip(ops, verdict.tx_codes, strict=True):
+                if code is not None:
+                    self._fail(op, out, _nak_for(code), code.name, code)
+        else:
+            return
+        own = endorse(self.identity, block.header)
+        rnd = _Round(block, header_hash(block.header), ops, {self.self_id: own}, set(),
+                     at.mono + self.config.round_timeout_s)
+        for op in ops:
+            self._queue.remove(op)
+            op.advance(OpState.PROPOSED)
+        self._round = rnd
+        self._count("rounds")
+        peers = tuple(t for t in self.ledger.active_terminals() if t != self.self_id)
+        if self._majority(1):
+            self._submit(rnd, at, out)
+        else:
+            out.append(RequestEndorsements(block, peers))
+
+    def _submit(self, rnd: _Round, at: ev.Time, out: list[Action]) -> None:
+        for op in rnd.ops:
+            op.advance(OpState.ENDORSED)
+            op.advance(OpState.ORDERED)
+        rnd.submitted = True
+        rnd.deadline = at.mono + self.config.order_timeout_s
+        out.append(SubmitBlock(with_endorsements(rnd.block, rnd.endorsements.values())))  # type: ignore[arg-type]
+
+    def _on_endorsement(self, e: ev.EndorsementReceived, at: ev.Time, out: list[Action]) -> None:
+        rnd = self._round
+        if rnd is None or rnd.submitted or (e.height, e.block_hash) != \
+                (rnd.block.header.height, rnd.block_hash):
+            self._count("endorsement.stale")
+            return
+        info = self.ledger.terminal(e.peer)
+        if (info is None or not info.active or e.endorsement.terminal_id != e.peer
+                or not verify_endorsement(info.verifier, e.endorsement, rnd.block_hash)):
+            self._count("endorsement.bad")
+            out.append(Log("endorsement.bad", (("peer", e.peer), ("height", e.height))))
+            return
+        rnd.endorsements[e.peer] = e.endorsement
+        if self._majority(len(rnd.endorsements)):
+            self._submit(rnd, at, out)
+
+    def _on_endorsement_refused(self, e: ev.EndorsementRefused, at: ev.Time,
+                                out: list[Action]) -> None:
+        rnd = self._round
+        if rnd is None or rnd.submitted or (e.height, e.block_hash) != \
+                (rnd.block.header.height, rnd.block_hash):
+            return
+        out.append(Log("endorsement.refused", (("peer", e.peer), ("height", e.height),
+                                               ("reason", e.reason.name))))
+        rnd.refused.add(e.peer)
+        possible = self.ledger.active_count - len(rnd.refused)
+        if not self._majority(possible):
+            self._retry_round(rnd, at, out, f"refused by {sorted(rnd.refused)}")
+
+    def _retry_round(self, rnd: _Round, at: ev.Time, out: list[Action], why: str) -> None:
+        """The round failed: its operations go back to CHECKED for another, or time out."""
+        self._round = None
+        self._count("rounds.failed")
+        for op in rnd.ops:
+            op.rounds += 1
+            if op.rounds >= self.config.max_rounds or at.mono >= op.deadline:
+                if rnd.submitted:
+                    self._keep_late(op)
+                self._fail(op, out, Nak.TIMEOUT, f"after {op.rounds} rounds: {why}")
+                continue
+            op.advance(OpState.CHECKED)
+            self._queue.append(op)
+
+    def _keep_late(self, op: Operation) -> None:
+        """A submitted block may still commit: keep what its key-store effect needs."""
+        if op.prepared is None or op.op is Op.MIGRATE:
+            return
+        self._late[op.tx_id] = op
+        while len(self._late) > MAX_LATE:
+            self._late.popitem(last=False)
+
+    # ============================================================ endorsing
+
+    def _on_endorse_request(self, e: ev.EndorseRequest, at: ev.Time, out: list[Action]) -> None:
+        block = e.block
+        h = block.header
+        block_hash = header_hash(h)
+        if h.proposer != e.peer:
+            self._count("endorse.refused")
+            out.append(RefuseEndorsement(e.peer, h.height, block_hash, Reason.UNKNOWN_PROPOSER))
+            return
+        verdict = check_proposal(self.ledger, block, placement_home=self.config.placement_home,
+                                 require_pow=self.config.pow_difficulty,
+                                 genesis_hash=self.config.genesis_hash, attest_proof=self._attest)
+        reason = verdict.block_reason if not verdict.block_ok else self._conflict(block, h.height)
+        if reason is not None:
+            self._count("endorse.refused")
+            out.append(RefuseEndorsement(e.peer, h.height, block_hash, reason))
+            return
+        for tx in block.txs:
+            if tx.kind.is_meter:
+                self._signed[(tx.meter_id, tx.key_version)] = (tx_id(tx), h.height)
+                self._signed.move_to_end((tx.meter_id, tx.key_version))
+        while len(self._signed) > MAX_SIGNED_GUARD:
+            self._signed.popitem(last=False)
+        self._count("endorse.signed")
+        out.append(SendEndorsement(e.peer, h.height, block_hash, endorse(self.identity, h)))
+
+    def _conflict(self, block: Block, height: int) -> Reason | None:
+        """Never sign two different operations on one meter and version (issue: equivocation)."""
+        for tx in block.txs:
+            if not tx.kind.is_meter:
+                continue
+            seen = self._signed.get((tx.meter_id, tx.key_version))
+            if seen is not None and seen[0] != tx_id(tx) and seen[1] >= height:
+                return Reason.DUPLICATE_TX
+        return None
+
+    # ============================================================ committing
+
+    def _on_block(self, e: ev.BlockCommitted, at: ev.Time, out: list[Action]) -> None:
+        block, changes = e.block, e.changes
+        height = changes.height
+        for key in [k for k, (_, h) in self._signed.items() if h <= height]:
+            del self._signed[key]
+        ids = [tx_id(tx) for tx in block.txs]
+        rnd = self._round
+        if rnd is not None and rnd.block.header.height <= height:
+            self._round = None
+            if changes.block_hash != rnd.block_hash:  # another terminal's block took the height
+                self._count("rounds.lost")
+                carried = set(ids)
+                for op in rnd.ops:
+                    if op.tx_id not in carried:  # back for the next round, re-checked there
+                        op.advance(OpState.CHECKED)
+                        self._queue.append(op)
+        by_index = {c.tx_index: c for c in changes.meters}
+        for index, (tx, tid) in enumerate(zip(block.txs, ids, strict=True)):
+            change = by_index.get(index)
+            if change is None:
+                continue
+            op = self._by_tx.get(tid)
+            late = self._late.pop(tid, None)
+            if op is not None:
+                self._applied(op, height, out)
+            elif late is not None and late.prepared is not None:
+                self._count("late_commit")  # its meter was told TIMEOUT; its key still goes in
+                out.append(StoreKey(late.prepared))
+            else:
+                self._others_change(tx, change.entry, out)
+        for meter_id in [m for m in self.pending_keys
+                         if (entry := self.ledger.meter(m)) is None
+                         or entry.status is not MeterStatus.LIVE or entry.home != self.self_id]:
+            self.pending_keys.discard(meter_id)
+
+    def _applied(self, op: Operation, height: int, out: list[Action]) -> None:
+        if op in self._queue:
+            self._queue.remove(op)  # carried by another terminal's block
+        op.advance(OpState.VALIDATED)
+        op.advance(OpState.APPLIED)
+        op.height = height
+        if op.tx is not None and op.tx.kind is TxKind.MIGRATE:
+            self._handovers[op.meter_id] = (op.tx.home, op.key_version)
+            out.append(SendKey(op.tx.home, op.meter_id, op.key_version))
+            self._acknowledge(op, out)
+        elif op.prepared is not None:
+            out.append(StoreKey(op.prepared))
+        else:  # revoke
+            out.append(EraseKey(op.meter_id))
+
+    def _others_change(self, tx: Transaction, entry: MeterEntry, out: list[Action]) -> None:
+        """A committed change this terminal did not propose, that touches a key held here."""
+        mid = tx.meter_id
+        if tx.kind is TxKind.MIGRATE and entry.home == self.self_id:
+            self.pending_keys.add(mid)  # the key comes from the old home (KeyReceived)
+        elif self.keys.status(mid) is StoreStatus.LIVE and entry.home != self.self_id:
+            self._handovers[mid] = (entry.home, entry.key_version)
+            out.append(SendKey(entry.home, mid, entry.key_version))
+        elif entry.home == self.self_id and entry.status is MeterStatus.LIVE \
+                and entry.key_version not in self._held_versions(mid):
+            self.pending_keys.add(mid)
+
+    def _on_block_refused(self, e: ev.BlockRefused, at: ev.Time, out: list[Action]) -> None:
+        rnd = self._round
+        if rnd is not None and rnd.submitted and (e.height, e.block_hash) == \
+                (rnd.block.header.height, rnd.block_hash):
+            self._retry_round(rnd, at, out, e.detail)
+
+    # ======================================================= key handovers
+
+    def _on_key_received(self, e: ev.KeyReceived, at: ev.Time, out: list[Action]) -> None:
+        entry = self.ledger.meter(e.meter_id)
+        if (entry is None or entry.status is not MeterStatus.LIVE or entry.home != self.self_id
+                or entry.key_version != e.key_version or fingerprint(e.key) != entry.fingerprint):
+            self._count("handover.refused")
+            out.append(Log("handover.refused", (("peer", e.peer), ("meter", e.meter_id.hex()))))
+            return
+        if e.key_version in self._held_versions(e.meter_id):
+            out.append(AcknowledgeKey(e.peer, e.meter_id, e.key_version))
+            return
+        self._receiving[e.meter_id] = e.peer
+        out.append(StoreKey(PreparedKey(e.meter_id, e.key_version, e.key)))
+
+    def _on_key_acknowledged(self, e: ev.KeyAcknowledged, at: ev.Time, out: list[Action]) -> None:
+        if self._handovers.get(e.meter_id) != (e.peer, e.key_version):
+            self._count("handover.stray_ack")
+            return
+        del self._handovers[e.meter_id]
+        out.append(EraseKey(e.meter_id))
+
+    # ================================================== key-store results
+
+    def _on_key_stored(self, e: ev.KeyStored, at: ev.Time, out: list[Action]) -> None:
+        self.pending_keys.discard(e.meter_id)
+        peer = self._receiving.pop(e.meter_id, None)
+        if peer is not None:
+            out.append(AcknowledgeKey(peer, e.meter_id, e.key_version))
+        op = self._ops.get(e.meter_id)
+        if op is not None and op.state is OpState.APPLIED and op.key_version == e.key_version:
+            self._acknowledge(op, out)
+
+    def _on_key_erased(self, e: ev.KeyErased, at: ev.Time, out: list[Action]) -> None:
+        op = self._ops.get(e.meter_id)
+        if op is not None and op.state is OpState.APPLIED and op.op is Op.REVOKE:
+            self._acknowledge(op, out)
+
+    def _on_effect_failed(self, e: ev.EffectFailed, at: ev.Time, out: list[Action]) -> None:
+        out.append(Log("keystore.failed", (("meter", e.meter_id.hex()), ("detail", e.detail))))
+        self._receiving.pop(e.meter_id, None)
+        op = self._ops.get(e.meter_id)
+        if op is not None and op.state is OpState.APPLIED:
+            self.pending_keys.add(e.meter_id)
+            self._fail(op, out, Nak.STORE_FAILED, e.detail)
+
+    # ================================================================ time
+
+    def _on_tick(self, e: ev.Tick, at: ev.Time, out: list[Action]) -> None:
+        pass  # _expire and _start_round run after every event
+
+    def _expire(self, at: ev.Time, out: list[Action]) -> None:
+        rnd = self._round
+        if rnd is not None and at.mono >= rnd.deadline:
+            self._retry_round(rnd, at, out, "endorsements" if not rnd.submitted else "ordering")
+        for op in [o for o in self._queue if at.mono >= o.deadline]:
+            self._fail(op, out, Nak.TIMEOUT, "not proposed in time")
+
+def _nak_for(code: Reason) -> Nak:
+    """The meter-facing reason for a ledger rule's code."""
+    return {Reason.REPLAYED_COUNTER: Nak.REPLAYED, Reason.STALE_VERSION: Nak.STALE_VERSION,
+            Reason.BAD_PROOF: Nak.BAD_PROOF, Reason.KEY_REUSED: Nak.KEY_REUSED,
+            Reason.UNKNOWN_METER: Nak.UNKNOWN_METER, Reason.REVOKED_METER: Nak.REVOKED,
+            Reason.WRONG_HOME: Nak.NOT_HOME}.get(code, Nak.LEDGER_REFUSED)
+
+
+_HANDLERS: dict[type, Callable[..., None]] = {
+    ev.RegisterRequest: Node._on_register,
+    ev.RotateRequest: Node._on_rotate,
+    ev.RevokeRequest: Node._on_revoke,
+    ev.ReadingRequest: Node._on_reading,
+    ev.OperatorRevoke: Node._on_operator_revoke,
+    ev.MigrateRequest: Node._on_migrate,
+    ev.QueryRequest: Node._on_query,
+    ev.EndorseRequest: Node._on_endorse_request,
+    ev.EndorsementReceived: Node._on_endorsement,
+    ev.EndorsementRefused: Node._on_endorsement_refused,
+    ev.KeyReceived: Node._on_key_received,
+    ev.KeyAcknowledged: Node._on_key_acknowledged,
+    ev.BlockCommitted: Node._on_block,
+    ev.BlockRefused: Node._on_block_refused,
+    ev.KeyStored: Node._on_key_stored,
+    ev.KeyErased: Node._on_key_erased,
+    ev.EffectFailed: Node._on_effect_failed,
+    ev.Tick: Node._on_tick,
+}

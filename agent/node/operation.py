@@ -1,0 +1,35 @@
+"""One key operation in flight: what was asked, what was checked, where it stands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.keystore.store import PreparedKey
+from agent.ledger.tx import Transaction
+from agent.node.actions import Op
+from agent.node.opstate import FINAL, OpState, check_transition
+
+
+@dataclass(slots=True, eq=False)
+class Operation:
+    """A request taken by this terminal, walking opstate's machine."""
+
+    op: Op
+    meter_id: bytes
+    request_id: int
+    deadline: float  # monotonic time by which it is answered, whatever happens
+    state: OpState = OpState.RECEIVED
+    tx: Transaction | None = None
+    tx_id: bytes = b""
+    prepared: PreparedKey | None = None  # the key to store once committed (register, rotate)
+    key_version: int = 0
+    height: int | None = None  # where it committed
+    rounds: int = 0  # endorsement rounds that failed so far
+
+    def advance(self, new: OpState) -> None:
+        check_transition(self.state, new)
+        self.state = new
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL

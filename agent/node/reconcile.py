@@ -1,0 +1,57 @@
+"""Boot: bring the key store in line with the chain, which is the truth.
+
+The key store is written only from committed blocks, after the chain's
+append is durable, so after a power cut the store can only be *behind* the
+chain: a committed key not yet stored (the meter's retry of its request, or
+the old home's hand-over, supplies it), a REVOKE committed but its key not
+yet erased (erase now), a MIGRATE away committed but its key not yet handed
+over (hand it over again; erase once the new home acknowledges). A key the
+chain never committed for this terminal (an orphan) is erased. A store
+*ahead* of the chain (a newer version than the chain's) cannot come from
+the protocol; it is reported, never served: queries check fingerprints.
+
+O(meters on the chain) once per boot; nothing here writes: the result is a
+plan the node core turns into actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from agent.keystore.store import MeterStatus as StoreStatus
+from agent.ledger.state import LedgerState, MeterStatus
+
+if TYPE_CHECKING:
+    from agent.node.core import KeyPort
+
+
+@dataclass
+class Reconciliation:
+    erase: list[bytes] = field(default_factory=list)  # orphans and committed revokes
+    hand_over: list[tuple[bytes, str, int]] = field(default_factory=list)  # (meter, home, v)
+    pending: list[bytes] = field(default_factory=list)  # chain's key not held here yet
+    ahead: list[bytes] = field(default_factory=list)  # store newer than chain: a fault
+
+
+def reconcile(ledger: LedgerState, keys: KeyPort, self_id: str) -> Reconciliation:
+    """What to do so the key store holds exactly the keys the chain homes here."""
+    plan = Reconciliation()
+    for meter_id in keys.live_meters():
+        entry = ledger.meter(meter_id)
+        if entry is None or entry.status is MeterStatus.REVOKED:
+            plan.erase.append(meter_id)
+        elif entry.home != self_id:
+            plan.hand_over.append((meter_id, entry.home, entry.key_version))
+        else:
+            newest = max(keys.versions(meter_id))
+            if newest > entry.key_version:
+                plan.ahead.append(meter_id)
+            elif newest < entry.key_version:
+                plan.pending.append(meter_id)
+    for meter_id in ledger.meter_ids():
+        entry = ledger.meter(meter_id)
+        if (entry is not None and entry.status is MeterStatus.LIVE and entry.home == self_id
+                and keys.status(meter_id) is not StoreStatus.LIVE):
+            plan.pending.append(meter_id)
+    return plan
