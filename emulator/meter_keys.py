@@ -19,6 +19,7 @@ from agent.keystore.material import (
     new_key,
 )
 from agent.node import events as ev
+from agent.node.actions import Acknowledge, Nak, Refuse
 from agent.node.reading import seal_reading
 
 
@@ -76,6 +77,16 @@ class MeterKeys:
         if self.pending is not None:
             self.key, self.pending = self.pending, None
         self.key_version = key_version
+
+    def heard(self, request: ev.Event, reply: Acknowledge | Refuse) -> None:
+        """Take the home's answer to ``request``: a new key, a revoke, or a counter to skip to."""
+        if isinstance(reply, Acknowledge):
+            if isinstance(request, ev.RevokeRequest):
+                self.revoked()
+            elif isinstance(request, ev.RegisterRequest | ev.RotateRequest):
+                self.acknowledged(reply.key_version)
+        elif isinstance(reply, Refuse) and reply.reason is Nak.REPLAYED and reply.counter:
+            self.resync(reply.counter)
 
     def resync(self, counter_in_force: int) -> None:
         """A REPLAYED refusal names the chain's counter (a migration consumed one): go above it."""

@@ -26,14 +26,12 @@ from agent.keystore.store import KeyDestroyedError, Kind, decode_record
 from agent.keystore.store import MeterStatus as StoreStatus
 from agent.keystore.transport import NotAuthorisedError, open_envelope, public_bytes
 from agent.ledger.chain import REC_TX, ChainCorruptError, open_chain, scan_newest_record
-from agent.ledger.query import Answer, QueryResult, query
+from agent.ledger.query import Answer, QueryResult
 from agent.ledger.state import MeterStatus
 from agent.ledger.tx import TxKind, rotation_proof_digest
 from agent.node import events as ev
 from agent.node.actions import Acknowledge, Nak, Refuse
-from agent.terminal import Terminal
-from emulator.flash import RamBlockDevice
-from emulator.localnet import LocalNet
+from emulator.localfleet import LocalFleet
 from emulator.meter_keys import MeterKeys
 from emulator.provision import Provisioning, provision
 from hal.blockdev import FileBlockDevice, open_partition
@@ -46,7 +44,6 @@ FLASH = BOARD.flash
 T0 = 1_700_000_000_000
 MASTER_ID = b"master-station"
 MASTER = X25519PrivateKey.from_private_bytes(hashlib.sha256(b"master station").digest())
-PEER_SEG, PEER_SEGMENTS = 8192, 64  # the other terminals' RAM flash, per partition
 
 
 def meter(n: int) -> bytes:
@@ -58,86 +55,38 @@ METERS = [meter(n) for n in range(1, 8)]
 FLEET: Provisioning = provision(5, METERS, timestamp_ms=T0, seed=b"lifecycle")
 
 
-class Clock:
-    """Deterministic time: it moves only when a test says so (``advance``)."""
-
-    def __init__(self) -> None:
-        self.mono = 0.0
-
-    def advance(self, seconds: float) -> None:
-        self.mono += seconds
-
-    def __call__(self) -> ev.Time:
-        return ev.Time(self.mono, T0 + int(self.mono * 1000))
-
-
-class Site:
-    """The five terminals on their flash, the network between them, the meters."""
+class Site(LocalFleet):
+    """The five terminals, ecd-00 on the image, and the meters."""
 
     def __init__(self, image: Path, device_key: bytes):
-        self.image, self.device_key = image, device_key
-        self.clock = Clock()
-        self.peers = FLEET.peers({MASTER_ID: public_bytes(MASTER)})
+        self.image = image
         self.dev = FileBlockDevice(image, FLASH.erase_block_bytes)
-        self.boots = 0
-        self.ecd = self._ecd00()
-        self.ram = {t.terminal_id: (RamBlockDevice(PEER_SEG, PEER_SEGMENTS),
-                                    RamBlockDevice(PEER_SEG, PEER_SEGMENTS))
-                    for t in FLEET.identities[1:]}
-        others = [self._peer(tid) for tid in self.ram]
-        self.net = LocalNet([self.ecd, *others])
+        super().__init__(FLEET, self.dev, FLASH, device_key,
+                         extra_peers={MASTER_ID: public_bytes(MASTER)})
         self.meters = {m: MeterKeys(m, FLEET.factory_keys[m], random.Random(m).randbytes)
                        for m in METERS}
 
-    def _ecd00(self) -> Terminal:
-        self.boots += 1
-        return Terminal.on_flash(FLEET.config("ecd-00"), self.dev, FLASH,
-                                 device_key=self.device_key, clock=self.clock,
-                                 entropy=random.Random(1000 + self.boots).randbytes,
-                                 transport_key=FLEET.transport["ecd-00"], peers=self.peers)
-
-    def _peer(self, tid: str) -> Terminal:
-        ledger, keystore = self.ram[tid]
-        return Terminal(FLEET.config(tid), ledger=ledger, keystore=keystore,
-                        device_key=hashlib.sha256(tid.encode()).digest(), clock=self.clock,
-                        entropy=random.Random(tid).randbytes,
-                        transport_key=FLEET.transport[tid], peers=self.peers)
-
-    def reboot(self) -> None:
+    def reopen(self) -> None:
         """ecd-00 powers off and on: its chain and key store are read back from the image."""
         self.dev.close()
         self.dev = FileBlockDevice(self.image, FLASH.erase_block_bytes)
-        self.ecd = self._ecd00()
-        self.net = LocalNet([self.ecd, *(self.net.terminals[t] for t in self.ram)])
+        self.reboot(self.dev)
 
     def close(self) -> None:
         self.dev.close()
 
-    # ------------------------------------------------------------ meters
-
     def send(self, event: ev.Event, home: str = "ecd-00") -> Acknowledge | Refuse:
         """A meter's request to its home; the meter takes its new key on the acknowledgement."""
-        replies = [r for r in self.net.send(home, event)
-                   if isinstance(r, Acknowledge | Refuse) and r.request_id == event.request_id]
-        assert len(replies) == 1, replies
-        reply = replies[0]
+        reply = self.request(event, home)
         m = self.meters.get(event.meter_id)
-        if isinstance(reply, Acknowledge) and m is not None:
-            if isinstance(event, ev.RevokeRequest):
-                m.revoked()
-            else:
-                m.acknowledged(reply.key_version)
+        if m is not None and isinstance(reply, Acknowledge):
+            m.heard(event, reply)
         return reply
 
     def register(self, n: int, home: str = "ecd-00") -> Acknowledge:
         reply = self.send(self.meters[meter(n)].register(), home)
         assert isinstance(reply, Acknowledge), reply
         return reply
-
-    def answer(self, meter_id: bytes, t: Terminal | None = None) -> QueryResult:
-        t = t or self.ecd
-        return query(t.chain, meter_id, t.id, with_record=True, key_source=t.keys.get,
-                     fingerprint=fingerprint)
 
 
 @pytest.fixture
@@ -150,7 +99,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
     s = Site(image, device_key)
     try:
         assert s.ecd.chain.height is None and s.ecd.keys.report.created
-        s.net.found(FLEET.genesis)
+        s.found()
         assert all(t.chain.height == 0 for t in s.net.terminals.values())
         yield s
     finally:
@@ -253,7 +202,7 @@ def test_a_migrated_meter_is_handed_over_and_its_copy_here_erased(site):
     assert (got.key, got.key_version, got.fingerprint) == (None, 1, fingerprint(key))
     assert got.record.tx.kind is TxKind.MIGRATE
     new_home = site.net.terminals["ecd-01"]
-    assert site.answer(meter(3), new_home).key == key  # the new home holds it now
+    assert site.answer(meter(3), new_home.id).key == key  # the new home holds it now
     assert site.ecd.keys.status(meter(3)) is StoreStatus.DESTROYED  # erased after its ack
     raw = partition_bytes(site.image, "keystore")
     assert sealed and [s for s in sealed if s in raw] == [] and key not in raw
@@ -354,7 +303,7 @@ def test_every_answer_is_the_same_after_a_reboot_and_matches_the_tail_scan(site)
     assert [before[m].answer for m in STORY_METERS] == [
         Answer.LOCAL, Answer.REMOTE, Answer.LOCAL, Answer.REMOTE, Answer.REVOKED, Answer.UNKNOWN]
     height, digest = site.ecd.chain.height, site.ecd.chain.state_digest()
-    site.reboot()
+    site.reopen()
     again = site.ecd
     assert again.chain.height == height == 10
     assert again.chain.report.blocks_replayed == height + 1

@@ -1,17 +1,18 @@
-"""``edgekey demo``: one terminal's hardware layer at work, end to end.
+"""``edgekey demo``: one terminal's hardware layer and node core at work, end to end.
 
-What exists so far is the HAL and the placement core, so that is what the
-demo runs, for real: the board file is validated and the agent's RAM budget
-enforced; a flash image of the board's size gets a ledger record log, a
-power cut is injected in the middle of a write and the boot-time recovery
-scan shows that every committed record survived; DL/T 698.45 frames cross
-the board's meter link (paced to the HPLC rate) with garbage and a corrupted
-frame on the line; one terminal then runs the key lifecycle on the same
-image (its chain in the ledger partition, its keys encrypted in the keystore
-partition: register, rotate, export, migrate, revoke, a snapshot, a reboot);
-the paper's 300-meter layout is planned (Figures 4 and 5 beside the paper's
-variances) and meters then join and leave through the terminal's re-homing
-core, which answers with the migrations the ledger will have to confirm.
+The HAL, the node core and the placement core, for real: the board file is
+validated and the agent's RAM budget enforced; a flash image of the board's
+size gets a ledger record log, a power cut is injected in the middle of a
+write and the boot-time recovery scan shows that every committed record
+survived; DL/T 698.45 frames cross the board's meter link (paced to the HPLC
+rate) with garbage and a corrupted frame on the line; one terminal then runs
+the key lifecycle on the same image through the node core, one of five
+terminals endorsing each other's blocks (its chain in the ledger partition,
+its keys encrypted in the keystore partition: register, rotate, export,
+migrate, revoke, a snapshot, a reboot); the paper's 300-meter layout is
+planned (Figures 4 and 5 beside the paper's variances) and meters then join
+and leave through the terminal's re-homing core, which answers with the
+migrations the ledger will have to confirm.
 """
 
 from __future__ import annotations
@@ -26,26 +27,18 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.keystore.material import (
-    BadProofError,
-    fingerprint,
-    is_revocation_proof,
-    make_revocation_proof,
-    make_rotation_proof,
-    new_key,
-    proof_digest,
-)
-from agent.keystore.store import KeyStore
-from agent.keystore.transport import AllowList, NotAuthorisedError, open_envelope, public_bytes
-from agent.ledger.block import endorse, genesis, with_endorsements
-from agent.ledger.chain import Chain, open_chain, scan_newest_record
-from agent.ledger.identity import TerminalIdentity
-from agent.ledger.query import Answer, QueryResult, query
-from agent.ledger.rules import Changes, propose_block
-from agent.ledger.tx import Transaction, TxBuilder, rotation_proof_digest
+from agent.keystore.material import make_rotation_proof, new_key
+from agent.keystore.transport import NotAuthorisedError, open_envelope, public_bytes
+from agent.ledger.chain import scan_newest_record
+from agent.ledger.query import Answer, QueryResult
+from agent.node import events as ev
+from agent.node.actions import Acknowledge, Refuse
 from emulator.flash import PowerCut, PowerCutDevice
+from emulator.localfleet import LocalFleet
+from emulator.meter_keys import MeterKeys
+from emulator.provision import provision
 from hal.blockdev import FileBlockDevice, open_partition
-from hal.board import Board, board_path, load_board
+from hal.board import board_path, load_board
 from hal.devicekey import load_device_key
 from hal.dlt698 import Control, Frame, FunctionCode, ServerAddress, encode_frame
 from hal.link import open_link
@@ -147,51 +140,6 @@ def link_step(board_name: str) -> None:
             raise SystemExit("demo: the link delivered frames that were not sent")
 
 
-class _Terminal:
-    """ecd-00 booted from the image: its chain, its key store and the quorum it proposes to.
-
-    The other four terminals only propose and endorse here; ecd-00 stores
-    every block, as every terminal does.
-    """
-
-    def __init__(self, image: Path, board: Board, device_key: bytes,
-                 members: list[TerminalIdentity]):
-        fl = board.flash
-        self.image, self.board, self.device_key, self.members = image, board, device_key, members
-        self.me = members[0]
-        self.dev = FileBlockDevice(image, fl.erase_block_bytes)
-        self.chain: Chain = open_chain(open_partition(self.dev, fl, "ledger"), self.me)
-        self.keys = KeyStore.on_board(self.dev, fl, device_key)
-        self.builder = TxBuilder(self.me)
-
-    def reboot(self) -> _Terminal:
-        self.dev.close()
-        return _Terminal(self.image, self.board, self.device_key, self.members)
-
-    def commit(self, txs: list[Transaction], proposer: TerminalIdentity | None = None,
-               proof: bytes | None = None) -> Changes:
-        """Propose, collect endorsements from a bare majority (the proposer's counts), append.
-
-        With ``proof``, this home attests that the transaction's digest is
-        the proof it checked (rules.py: a refusal marks the transaction invalid).
-        """
-        proposer = proposer or self.me
-        block = propose_block(self.chain.state, proposer, txs,
-                              timestamp_ms=time.time_ns() // 1_000_000)
-        quorum = len(self.members) // 2 + 1
-        endorsers = [proposer, *[t for t in self.members if t is not proposer]][:quorum]
-        attest = None if proof is None else (lambda tx: tx.proof == proof_digest(proof))
-        changes = self.chain.append(with_endorsements(block, [endorse(t, block.header)
-                                                              for t in endorsers]), attest)
-        if len(changes.meters) != len(txs):
-            raise SystemExit(f"demo: block {changes.height} refused a transaction")
-        return changes
-
-    def answer(self, meter_id: bytes) -> QueryResult:
-        return query(self.chain, meter_id, self.me.terminal_id, with_record=True,
-                     key_source=self.keys.get, fingerprint=fingerprint)
-
-
 def _said(op: str, meter_id: bytes, got: QueryResult, note: str = "") -> None:
     answer = got.answer.value
     if got.answer is Answer.REMOTE:
@@ -202,78 +150,72 @@ def _said(op: str, meter_id: bytes, got: QueryResult, note: str = "") -> None:
           f"-> {answer}{note}")
 
 
-def lifecycle_step(image: Path, board_name: str) -> None:
-    """Register, rotate, export, migrate, revoke and re-register meter keys on ecd-00; reboot.
+def _reply(fleet: LocalFleet, m: MeterKeys, request: ev.Event, home: str) -> Acknowledge:
+    """Send a meter's request through the node core; the demo stops on a refusal."""
+    reply = fleet.request(request, home)
+    if not isinstance(reply, Acknowledge):
+        raise SystemExit(f"demo: {type(request).__name__} of {m.meter_id.hex()} refused: "
+                         f"{reply.reason.name} {reply.detail}")
+    m.heard(request, reply)
+    return reply
 
-    The meters' side (new keys, rotation and revocation proofs) is played
-    with material.py; ecd-00 follows the data path (DESIGN.md): check what
-    the meter sent, keep the key, propose, collect a majority, append.
+
+def lifecycle_step(image: Path, board_name: str) -> None:
+    """Register, rotate, export, migrate, revoke and re-register meter keys; reboot ecd-00.
+
+    Five terminals run the node core (agent/node) over an in-process network
+    and ordering; ecd-00 keeps its chain and keys on the image, the others on
+    RAM flash. Meters (emulator/meter_keys.py) send requests; every key
+    operation is checked by its home, endorsed by a majority, ordered,
+    validated and appended by every terminal, and only then stored or
+    erased in the home's key store (DESIGN.md, data path).
     """
     board = load_board(board_path(board_name))
     image.unlink()  # the flash step's test records are not chain records: a fresh image
     create(image, board)
     device_key = load_device_key(image.with_name("device.key"), create=True)
-    members = [TerminalIdentity.generate(f"ecd-{i:02d}") for i in range(TERMINALS)]
-    ecd = _Terminal(image, board, device_key, members)
-    me = ecd.me.terminal_id
-    quorum = len(members) // 2 + 1
-    ecd.chain.append(genesis(ecd.me, [(t.terminal_id, t.public_bytes()) for t in members],
-                             timestamp_ms=time.time_ns() // 1_000_000,
-                             endorsers=members[:quorum]))
-    print(f"fresh image (the flash step's records are not chain records); {me} of "
-          f"{len(members)} terminals: genesis block {ecd.chain.height} endorsed by {quorum} of "
-          f"{len(members)}; {METERS} meters homed round-robin")
     meters = [bytes.fromhex(f"{100000 + i:012d}") for i in range(METERS)]  # BCD addresses
-    keys: dict[bytes, bytes] = {}
-    counter = dict.fromkeys(meters, 0)
-
-    def tick(m: bytes) -> int:
-        counter[m] += 1
-        return counter[m]
-
-    def register(m: bytes, home: TerminalIdentity, version: int = 1) -> None:
-        key = new_key()
-        if home is ecd.me:
-            ecd.keys.put(m, version, key)
-            keys[m] = key
-        tx = TxBuilder(home).register(m, key_version=version, fingerprint=fingerprint(key),
-                                      counter=tick(m))
-        ecd.commit([tx], proposer=home)
-        _said("register", m, ecd.answer(m))
-
-    for i, m in enumerate(meters):
-        register(m, members[i % len(members)])
-
-    local = [m for m in meters if m in keys]
-    rotated, migrated, revoked = local[0], local[-1], local[1]
-    new = new_key()  # the meter's new key, wrapped under its current one
-    proof = make_rotation_proof(keys[rotated], new)
-    version = ecd.keys.rotate(rotated, proof)
-    ecd.commit([ecd.builder.rotate(rotated, key_version=version, fingerprint=fingerprint(new),
-                                   proof=rotation_proof_digest(proof), counter=tick(rotated))],
-               proof=proof)
-    keys[rotated] = new
-    _said("rotate", rotated, ecd.answer(rotated))
-    tip = ecd.chain.height
-    try:
-        ecd.keys.rotate(rotated, make_rotation_proof(new_key(), new_key()))
-    except BadProofError as exc:
-        print(f"  rotate    meter {rotated.hex()} refused: {exc}; no transaction proposed, "
-              f"tip still block {ecd.chain.height}")
-    else:
-        raise SystemExit("demo: a rotation proof under a wrong key was accepted")
-    if ecd.chain.height != tip:
-        raise SystemExit("demo: a refused rotation reached the chain")
-
+    fleet_keys = provision(TERMINALS, meters, timestamp_ms=time.time_ns() // 1_000_000)
     master = X25519PrivateKey.generate()
-    peer = X25519PrivateKey.generate()  # the new home's transport key
-    allow = AllowList({MASTER_ID: public_bytes(master), b"ecd-01": public_bytes(peer)})
-    got = ecd.answer(rotated)
-    envelope = ecd.keys.export(rotated, MASTER_ID, allow)
+    dev = FileBlockDevice(image, board.flash.erase_block_bytes)
+    fleet = LocalFleet(fleet_keys, dev, board.flash, device_key, seeded=False,
+                       extra_peers={MASTER_ID: public_bytes(master)},
+                       txs_per_block=board.ledger.txs_per_block,
+                       pow_difficulty=board.ledger.pow_difficulty)
+    fleet.found()
+    me = fleet.first
+    quorum = TERMINALS // 2 + 1
+    print(f"fresh image (the flash step's records are not chain records); {me} of {TERMINALS} "
+          f"terminals: genesis {fleet_keys.genesis_hash.hex()[:16]} pinned by provisioning, "
+          f"endorsed by {quorum} of {TERMINALS}; {METERS} meters homed round-robin; PoW "
+          f"difficulty {board.ledger.pow_difficulty}, up to {board.ledger.txs_per_block} "
+          "transactions a block")
+    ids = [t.terminal_id for t in fleet_keys.identities]
+    keys = {m: MeterKeys(m, fleet_keys.factory_keys[m]) for m in meters}
+    home = {m: ids[i % TERMINALS] for i, m in enumerate(meters)}
+    for m in meters:
+        _reply(fleet, keys[m], keys[m].register(), home[m])
+        _said("register", m, fleet.answer(m))
+
+    local = [m for m in meters if home[m] == me]
+    rotated, migrated, revoked = local[0], local[-1], local[1]
+    _reply(fleet, keys[rotated], keys[rotated].rotate(), me)
+    _said("rotate", rotated, fleet.answer(rotated))
+    tip = fleet.ecd.chain.height
+    forged = ev.RotateRequest(rotated, 10_000, keys[rotated].counter + 1,
+                              make_rotation_proof(new_key(), new_key()))
+    refused = fleet.request(forged, me)
+    if not isinstance(refused, Refuse) or fleet.ecd.chain.height != tip:
+        raise SystemExit("demo: a rotation proof under a wrong key was accepted")
+    print(f"  rotate    meter {rotated.hex()} refused: {refused.reason.name} ({refused.detail}); "
+          f"no transaction proposed, tip still block {fleet.ecd.chain.height}")
+
+    got = fleet.answer(rotated)
+    envelope = fleet.ecd.keys.export(rotated, MASTER_ID, fleet.peers)
     opened = open_envelope(master, envelope, meter_id=rotated, key_version=got.key_version,
                            requester_id=MASTER_ID)
     try:
-        ecd.keys.export(rotated, b"intruder", allow)
+        fleet.ecd.keys.export(rotated, b"intruder", fleet.peers)
         stranger = "exported (wrong)"
     except NotAuthorisedError:
         stranger = "refused"
@@ -281,54 +223,52 @@ def lifecycle_step(image: Path, board_name: str) -> None:
           f"{len(envelope)}-byte envelope opens to the same key: "
           f"{'yes' if opened == got.key else 'no'}; an unknown requester: {stranger}")
 
-    entry = ecd.chain.entry(migrated)
-    handover = ecd.keys.export(migrated, b"ecd-01", allow)
-    handed = open_envelope(peer, handover, meter_id=migrated, key_version=entry.key_version,
-                           requester_id=b"ecd-01") == keys[migrated]
-    ecd.commit([ecd.builder.migrate(migrated, new_home="ecd-01", key_version=entry.key_version,
-                                    fingerprint=entry.fingerprint, counter=tick(migrated))])
-    ecd.keys.hand_over(migrated)  # the new home holds it now: erase this copy
-    _said("migrate", migrated, ecd.answer(migrated),
-          f"; key handed over in an envelope ecd-01 opened: {'yes' if handed else 'no'}, "
-          "local copy erased")
+    moved = fleet.request(ev.MigrateRequest(migrated, 10_001, ids[1]), me)
+    if not isinstance(moved, Acknowledge):
+        raise SystemExit(f"demo: the migration was refused: {moved}")
+    held = fleet.answer(migrated, ids[1]).key == keys[migrated].key
+    _said("migrate", migrated, fleet.answer(migrated),
+          f"; key handed over to {ids[1]}, which answers local with it: "
+          f"{'yes' if held else 'no'}; copy here: {fleet.ecd.keys.status(migrated).value}")
 
-    entry = ecd.chain.entry(revoked)
-    request = make_revocation_proof(keys[revoked])  # the meter's empty-key request
-    if not is_revocation_proof(ecd.keys.get(revoked, entry.key_version), request):
-        raise SystemExit("demo: the meter's revocation request does not open under its key")
-    ecd.keys.destroy(revoked)
-    ecd.commit([ecd.builder.revoke(revoked, key_version=entry.key_version, counter=tick(revoked),
-                                   proof=rotation_proof_digest(request))], proof=request)
-    _said("revoke", revoked, ecd.answer(revoked),
-          f"; key store: {ecd.keys.status(revoked).value}")
+    _reply(fleet, keys[revoked], keys[revoked].revoke(), me)
+    _said("revoke", revoked, fleet.answer(revoked),
+          f"; key store: {fleet.ecd.keys.status(revoked).value}")
 
-    freed = ecd.chain.snapshot()
-    print(f"  snapshot  at block {ecd.chain.height}: {ecd.chain.state.meter_count} meters, "
-          f"{freed} erase blocks released")
-    register(revoked, ecd.me, version=entry.key_version + 1)
+    freed = fleet.ecd.chain.snapshot()
+    print(f"  snapshot  at block {fleet.ecd.chain.height}: {fleet.ecd.chain.state.meter_count} "
+          f"meters, {freed} erase blocks released")
+    _reply(fleet, keys[revoked], keys[revoked].register(), me)
+    _said("register", revoked, fleet.answer(revoked), " (a new key line after the revoke)")
 
     asked = [*meters, bytes.fromhex(f"{100000 + METERS:012d}")]  # the last was never registered
-    before = {m: ecd.answer(m) for m in asked}
-    records, snapshots, height = ecd.chain.log.stats().records, ecd.chain.snapshots_written, \
-        ecd.chain.height
-    ecd = ecd.reboot()
+    before = {m: fleet.answer(m) for m in asked}
+    chain = fleet.ecd.chain
+    records, snapshots, height, digest = (chain.log.stats().records, chain.snapshots_written,
+                                          chain.height, chain.state_digest())
+    messages = fleet.net.delivered
+    dev.close()
+    dev = FileBlockDevice(image, board.flash.erase_block_bytes)
+    ecd = fleet.reboot(dev)
     rep = ecd.chain.report
-    after = {m: ecd.answer(m) for m in asked}
+    after = {m: fleet.answer(m) for m in asked}
     deep = ecd.chain.verify(deep=True)
     scan_agrees = all(scan_newest_record(ecd.chain.log, m) == (a.record.tx if a.record else None)
                       for m, a in after.items())
     counts = {a: sum(r.answer is a for r in after.values()) for a in Answer}
     print(f"  reboot    chain from the snapshot at block {rep.snapshot_height} "
           f"+ {rep.blocks_replayed} block(s) replayed; key store {ecd.keys.report.live_meters} "
-          f"live, {ecd.keys.report.destroyed_meters} destroyed; "
-          f"verify(deep) to block {deep.height}")
+          f"live, {ecd.keys.report.destroyed_meters} destroyed, reconciled with the chain "
+          f"({len(ecd.node.pending_keys)} pending); verify(deep) to block {deep.height}, "
+          f"state digest {'equal' if ecd.chain.state_digest() == digest else 'DIFFERS'}")
     print(f"summary: {height + 1} blocks (tip {height}), {records} chain records on flash, "
           f"{snapshots} snapshot(s), {ecd.keys.stats().log.records} key-store records; answers "
           + ", ".join(f"{a.value} {n}" for a, n in counts.items())
           + f"; after reboot identical: {'yes' if after == before else 'no'}; "
-          f"tail scan agrees: {'yes' if scan_agrees else 'no'}")
-    ecd.dev.close()
-    if after != before or not scan_agrees:
+          f"tail scan agrees: {'yes' if scan_agrees else 'no'}; {messages} messages between "
+          "the terminals")
+    dev.close()
+    if after != before or not scan_agrees or ecd.chain.state_digest() != digest:
         raise SystemExit("demo: the answers changed across a reboot")
 
 
@@ -388,7 +328,7 @@ def run(out: str, board: str = "host") -> int:
     flash_step(Path(out) / "flash.img", board)
     _say("meter link: DL/T 698.45 frames over the board's hplc link")
     link_step(board)
-    _say("key lifecycle on one terminal: chain and key store on the flash image")
+    _say("key lifecycle through the node core: ecd-00's chain and key store on the flash image")
     lifecycle_step(Path(out) / "flash.img", board)
     _say("placement: the paper's layout planned, then meters join and leave")
     placement_step(Path(out))
