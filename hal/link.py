@@ -3,55 +3,66 @@
 A UART (``/dev/ttyS1``), a pty slave, ``socket://host:port`` (an emulated
 PLC channel) and ``loop://`` all go through ``serial.serial_for_url``, so the
 driver code is the same on the terminal, under QEMU and on the host
-(DESIGN: "Drivers are pyserial"). Framing is ``hal/dlt698.py``'s sans-I/O
-codec; this module only moves bytes, keeps time and counts.
+(DESIGN: "Drivers are pyserial"). The protocol state (framing, matching
+replies to requests, resends, timeouts, the idle gap) is
+``hal/linksession.py``'s sans-I/O ``LinkSession``; ``Link`` is its blocking
+wrapper for one thread driving one link. ``hal/pump.py`` drives many
+sessions from one thread instead.
 
-- ``recv_frame`` feeds the decoder from the port; rejected bytes are counted,
-  never raised. When a partial frame sits in the decoder and the line stays
-  quiet for ``idle_gap_s``, the decoder is told (``FrameDecoder.line_idle``),
-  so a frame cut off mid-way cannot hold back the frames behind it.
+- ``recv_frame`` waits for the next good frame; rejected byte runs are
+  counted and kept for ``rejected()``, never raised. ``recv_event`` returns
+  them as they come (``Rejected`` with its reason code, for a negative
+  acknowledgement). When a partial frame sits in the decoder and the line
+  stays quiet for ``idle_gap_s``, the session releases it
+  (``FrameDecoder.line_idle``), so a frame cut off mid-way cannot hold back
+  the frames behind it.
 - ``request`` sends, waits for the matching reply, and resends up to
-  ``retries`` times.
+  ``retries`` times. Frames that arrive meanwhile and answer something else
+  stay queued for the next ``recv_frame``.
 - With ``pace_bytes_per_s > 0`` writes go through a token bucket, for
   channels with no line rate of their own (a virtio console, loop://,
   socket://). Its clock and sleep are injectable so tests need not wait.
+  Receive waits use the real monotonic clock: the port blocks in real time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import queue
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import serial
 
 from hal import board
-from hal.dlt698 import (
-    DEFAULT_MAX_FRAME_BYTES,
-    MAX_FRAME_BYTES,
-    MIN_FRAME_BYTES,
-    NEED_DATA,
-    Frame,
-    FrameDecoder,
-    Reason,
-    encode_frame,
-    is_response_to,
+from hal.dlt698 import DEFAULT_MAX_FRAME_BYTES, Frame, is_response_to
+from hal.linksession import (
+    DEFAULT_IDLE_GAP_S,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT_S,
+    MAX_RETRIES,
+    READ_CHUNK,
+    FrameReceived,
+    LinkCounters,
+    LinkSession,
+    LocalProtocolError,
+    Rejected,
+    Reply,
+    Timeout,
+    default_max_events,
 )
 
+__all__ = [
+    "DEFAULT_BAUD", "DEFAULT_IDLE_GAP_S", "DEFAULT_RETRIES", "DEFAULT_TIMEOUT_S", "READ_CHUNK",
+    "Link", "LinkClosedError", "LinkConfigError", "LinkCounters", "LinkError", "LinkIOError",
+    "LinkOpenError", "LinkTimeout", "TokenBucket", "default_pace_burst", "open_link",
+]
+
 DEFAULT_BAUD = 115200  # the board files' UART rate
-DEFAULT_TIMEOUT_S = 1.0  # hal.board.Link's default timeout_ms
-DEFAULT_RETRIES = 2  # a request goes out at most three times
-# Bytes taken from the port per read once data is flowing: small enough that
-# the decoder never holds much beyond one frame, large enough for one read
-# per typical frame (the paper's 360-byte meter packets).
-READ_CHUNK = 1024
-# Quiet time after which a partial frame counts as cut off. Well above the
-# 16 ms latency timer of USB-serial adapters and a few character times at
-# 9600 baud; a sender that pauses longer in the middle of a frame loses it.
-DEFAULT_IDLE_GAP_S = 0.1
 # Token bucket depth when pacing: 2 ms of line time, at least 16 bytes. Small,
 # so even a short run of writes keeps to the rate; large enough that a 128 KiB/s
 # channel sleeps at most about 500 times a second.
@@ -87,28 +98,14 @@ class LinkIOError(LinkError):
     """The port failed while reading or writing (unplugged, peer gone, write stuck)."""
 
 
-class LinkClosedError(LinkError):
+class LinkClosedError(LinkError, LocalProtocolError):
     """The link was used after close()."""
-
-
-@dataclass(frozen=True)
-class LinkCounters:
-    """A snapshot of a link's counters since it was opened."""
-
-    bytes_tx: int
-    bytes_rx: int
-    frames_tx: int
-    frames_rx: int
-    rejects: dict[Reason, int]  # decoder rejects per reason (events, GARBAGE runs included)
-    garbage_bytes: int
-    timeouts: int  # receive waits that ended without a frame
-    retries: int  # request resends
-    unmatched: int  # frames request() received that did not answer its request
 
 
 class TokenBucket:
     """Pacing arithmetic, clock-free: in any interval of d seconds at most
-    ``burst + rate * d`` bytes are released."""
+    ``burst + rate * d`` bytes are released. Pacing is I/O timing, so it lives
+    with the drivers: ``Link`` sleeps on it, ``hal.pump`` holds writes back."""
 
     def __init__(self, rate: float, burst: int, now: float):
         if rate <= 0 or burst < 1:
@@ -129,13 +126,18 @@ class TokenBucket:
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
+def default_pace_burst(pace_bytes_per_s: float) -> int:
+    """The token bucket depth for a paced channel: PACE_BURST_S of line time."""
+    return max(PACE_MIN_BURST_BYTES, int(pace_bytes_per_s * PACE_BURST_S))
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise LinkConfigError(message)
 
 
 class Link:
-    """Frames over one open pyserial port. ``open_link`` is the usual way in.
+    """Frames over one open pyserial port, blocking. ``open_link`` is the usual way in.
 
     One thread drives a link (the agent's node loop); it holds no locks.
     """
@@ -145,12 +147,12 @@ class Link:
                  idle_gap_s: float = DEFAULT_IDLE_GAP_S, pace_burst_bytes: int | None = None,
                  clock: Clock = time.monotonic, sleep: Sleep = time.sleep):
         _check(timeout_s > 0, f"{url}: timeout_s must be > 0, got {timeout_s}")
-        _check(idle_gap_s > 0, f"{url}: idle_gap_s must be > 0, got {idle_gap_s}")
         _check(pace_bytes_per_s >= 0,
                f"{url}: pace_bytes_per_s must be >= 0, got {pace_bytes_per_s}")
-        _check(MIN_FRAME_BYTES <= max_frame_bytes <= MAX_FRAME_BYTES,
-               f"{url}: max_frame_bytes {max_frame_bytes} outside "
-               f"[{MIN_FRAME_BYTES}, {MAX_FRAME_BYTES}]")
+        try:  # the session checks max_frame_bytes and idle_gap_s
+            self._session = LinkSession(max_frame_bytes=max_frame_bytes, idle_gap_s=idle_gap_s)
+        except LocalProtocolError as exc:
+            raise LinkConfigError(f"{url}: {exc}") from None
         self.port = port
         self.url = url
         self.timeout_s = timeout_s
@@ -162,24 +164,38 @@ class Link:
         self._bucket: TokenBucket | None = None
         self.pace_burst_bytes = 0
         if pace_bytes_per_s > 0:
-            burst = pace_burst_bytes or max(PACE_MIN_BURST_BYTES,
-                                            int(pace_bytes_per_s * PACE_BURST_S))
+            burst = pace_burst_bytes or default_pace_burst(pace_bytes_per_s)
             self.pace_burst_bytes = burst
             self._bucket = TokenBucket(pace_bytes_per_s, burst, clock())
-        self._decoder = FrameDecoder(max_frame_bytes)
+        # Received events taken from the session by request() that were not its
+        # reply, kept in order for recv_frame/recv_event; and the rejects
+        # recv_frame skipped, for rejected(). Same bound and drop rule as the
+        # session's own queue.
+        self._max_held = default_max_events(max_frame_bytes)
+        self._held: deque[FrameReceived | Rejected] = deque()
+        self._skipped: deque[Rejected] = deque()
         self._port_timeout: float | None = None
-        self._bytes_tx = self._bytes_rx = self._frames_tx = self._frames_rx = 0
-        self._timeouts = self._retries = self._unmatched = 0
+        self._recv_timeouts = self._dropped = 0
+
+    @property
+    def session(self) -> LinkSession:
+        """The protocol state this link drives (read its counters, its pending requests)."""
+        return self._session
 
     # -- sending
 
     def send_frame(self, frame: Frame) -> int:
         """Encode and write one frame, paced if configured; the number of bytes written."""
         self._check_open()
-        data = encode_frame(frame, self.max_frame_bytes)  # LocalFrameError: the caller's fault
-        self._write(data)
-        self._frames_tx += 1
-        return len(data)
+        size = self._session.send(frame)  # LocalFrameError: the caller's fault
+        self._flush()
+        return size
+
+    def _flush(self) -> None:
+        """Write everything the session has queued (a frame, a resend)."""
+        data = self._session.data_to_send()
+        if data:
+            self._write(data)
 
     def _write(self, data: bytes) -> None:
         bucket = self._bucket
@@ -199,41 +215,59 @@ class Link:
         except (OSError, serial.SerialException, queue.Full) as exc:  # loop:// leaks queue.Full
             raise LinkIOError(f"{self.url}: write of {len(data)} bytes failed: "
                               f"{exc or type(exc).__name__}") from exc
-        self._bytes_tx += len(data)
 
     # -- receiving
 
     def recv_frame(self, timeout: float | None = None) -> Frame:
-        """The next good frame; LinkTimeout after ``timeout`` s (default: the link's)."""
+        """The next good frame; LinkTimeout after ``timeout`` s (default: the link's).
+
+        Rejected byte runs on the way are counted and kept for ``rejected()``.
+        """
+        while True:
+            event = self._recv(timeout)
+            if isinstance(event, FrameReceived):
+                return event.frame
+            self._keep(self._skipped, event)
+
+    def recv_event(self, timeout: float | None = None) -> FrameReceived | Rejected:
+        """The next received event, a rejected byte run included; LinkTimeout as recv_frame."""
+        return self._recv(timeout)
+
+    def rejected(self) -> list[Rejected]:
+        """Take the rejects ``recv_frame`` skipped since the last call, oldest first."""
+        out = list(self._skipped)
+        self._skipped.clear()
+        return out
+
+    def _recv(self, timeout: float | None) -> FrameReceived | Rejected:
         self._check_open()
         wait = self.timeout_s if timeout is None else timeout
         deadline = time.monotonic() + wait
         while True:
-            frame = self._next_frame()
-            if frame is not None:
-                return frame
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._timeouts += 1
-                raise LinkTimeout(f"{self.url}: no frame within {wait:.3f} s")
-            partial = self._decoder.buffered > 0  # drained, so only an incomplete frame is held
-            read_s = min(remaining, self.idle_gap_s) if partial else remaining
-            data = self._read(read_s)
-            if data:
-                self._bytes_rx += len(data)
-                self._decoder.receive_data(data)
-            elif partial and read_s >= self.idle_gap_s:
-                self._decoder.line_idle()
-
-    def _next_frame(self) -> Frame | None:
-        """Drain decoder events up to the first frame; rejects are counted by the decoder."""
-        while True:
-            event = self._decoder.next_event()
-            if event is NEED_DATA:
-                return None
-            if isinstance(event, Frame):
-                self._frames_rx += 1
+            event = self._held.popleft() if self._held else self._session.next_event()
+            if isinstance(event, FrameReceived | Rejected):
                 return event
+            if event is not None:
+                continue  # left by a request() that raised: nobody waits for it now
+            if deadline - time.monotonic() <= 0:
+                self._recv_timeouts += 1
+                raise LinkTimeout(f"{self.url}: no frame within {wait:.3f} s")
+            self._step(deadline)
+
+    def _step(self, until: float) -> None:
+        """Read until ``until`` or the session's next deadline, whichever comes first;
+        hand the bytes and the time to the session, write what it queued."""
+        now = time.monotonic()
+        due = self._session.next_deadline()
+        end = until if due is None else min(until, due)
+        if math.isinf(end):  # nothing bounds the wait: read for the link's timeout
+            end = now + self.timeout_s
+        data = self._read(max(0.0, end - now))
+        now = time.monotonic()
+        if data:
+            self._session.receive_data(data, now)
+        self._session.tick(now)
+        self._flush()
 
     def _read(self, timeout: float) -> bytes:
         """Wait up to ``timeout`` s for a byte, then take what else is already there."""
@@ -252,6 +286,12 @@ class Link:
             self.port.timeout = timeout
             self._port_timeout = timeout
 
+    def _keep(self, where: deque[Any], event: FrameReceived | Rejected) -> None:
+        if len(where) >= self._max_held:
+            self._dropped += 1
+        else:
+            where.append(event)
+
     # -- request and reply
 
     def request(self, frame: Frame, *, retries: int = DEFAULT_RETRIES,
@@ -262,36 +302,44 @@ class Link:
         Each attempt waits ``timeout`` s (default: the link's); after a silent
         attempt the frame is sent again, up to ``retries`` more times. Frames
         that do not match (our own echo, another meter's report) are counted
-        as unmatched and dropped. LinkTimeout when every attempt stayed silent.
+        as unmatched and stay queued for ``recv_frame``. LinkTimeout when every
+        attempt stayed silent.
         """
-        if retries < 0:
-            raise LinkConfigError(f"retries must be >= 0, got {retries}")
+        if not 0 <= retries <= MAX_RETRIES:
+            raise LinkConfigError(f"retries must be 0..{MAX_RETRIES}, got {retries}")
+        self._check_open()
         wait = self.timeout_s if timeout is None else timeout
-        for attempt in range(retries + 1):
-            if attempt:
-                self._retries += 1
-            self.send_frame(frame)
-            deadline = time.monotonic() + wait
+        _check(wait > 0, f"{self.url}: timeout must be > 0, got {wait}")
+        session = self._session
+        for event in session.events():  # older than anything the request brings
+            if isinstance(event, FrameReceived | Rejected):
+                self._keep(self._held, event)
+        rid = session.send_request(frame, time.monotonic(), timeout_s=wait, retries=retries,
+                                   match=match)
+        try:
+            self._flush()
             while True:
-                try:
-                    reply = self.recv_frame(timeout=max(0.0, deadline - time.monotonic()))
-                except LinkTimeout:
-                    break
-                if match(frame, reply):
-                    return reply
-                self._unmatched += 1
-        raise LinkTimeout(f"{self.url}: no reply after {retries + 1} attempt(s) of {wait:.3f} s")
+                event = session.next_event()
+                if event is None:
+                    self._step(math.inf)  # the request's deadline bounds the wait
+                elif isinstance(event, Reply) and event.request_id == rid:
+                    return event.frame
+                elif isinstance(event, Timeout) and event.request_id == rid:
+                    raise LinkTimeout(f"{self.url}: no reply after {retries + 1} attempt(s) "
+                                      f"of {wait:.3f} s")
+                elif isinstance(event, FrameReceived | Rejected):
+                    self._keep(self._held, event)
+        finally:
+            if rid in session.pending:  # left by an exception: stop its resends
+                session.cancel(rid)
 
     # -- bookkeeping
 
     def counters(self) -> LinkCounters:
-        """A snapshot of the counters."""
-        d = self._decoder
-        return LinkCounters(bytes_tx=self._bytes_tx, bytes_rx=self._bytes_rx,
-                            frames_tx=self._frames_tx, frames_rx=self._frames_rx,
-                            rejects=dict(d.rejects), garbage_bytes=d.garbage_bytes,
-                            timeouts=self._timeouts, retries=self._retries,
-                            unmatched=self._unmatched)
+        """A snapshot of the counters; ``timeouts`` also counts recv_frame waits that expired."""
+        c = self._session.counters()
+        return dataclasses.replace(c, timeouts=c.timeouts + self._recv_timeouts,
+                                   events_dropped=c.events_dropped + self._dropped)
 
     @property
     def is_open(self) -> bool:
@@ -299,11 +347,12 @@ class Link:
 
     def close(self) -> None:
         """Close the port; safe to call twice."""
+        self._session.close()
         if self.port.is_open:
             self.port.close()
 
     def _check_open(self) -> None:
-        if not self.port.is_open:
+        if not self.port.is_open or self._session.closed:
             raise LinkClosedError(f"{self.url}: link is closed")
 
     def __enter__(self) -> Link:
