@@ -1,10 +1,12 @@
-"""A fleet in one process: the first terminal on a board's flash, the others on RAM flash.
+"""A fleet in one process: the first terminal on the flash given, the others on RAM flash.
 
 What the lifecycle test, the model-based test and the demo share: the
 terminals of one provisioning, each running the node core with its own
 chain and key store (``agent.terminal.Terminal``), joined by
 ``emulator.localnet.LocalNet``. ``reboot`` powers the first terminal off
-and on: everything it knows is read back from its flash.
+and on: everything it knows is read back from its flash. The first
+terminal's flash is two block devices, its ledger and keystore partitions
+(``board_partitions`` cuts them from a board's flash image).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from agent.terminal import Terminal
 from emulator.flash import RamBlockDevice
 from emulator.localnet import LocalNet
 from emulator.provision import Provisioning
-from hal.blockdev import BlockDevice
+from hal.blockdev import BlockDevice, open_partition
 from hal.board import Flash
 
 RAM_SEGMENT, RAM_SEGMENTS = 8192, 64  # the other terminals' flash, per partition: 512 KiB
@@ -41,14 +43,19 @@ class ManualClock:
         return ev.Time(self.mono, self.wall0 + int(self.mono * 1000))
 
 
-class LocalFleet:
-    """The provisioned terminals, the first one on ``device`` (module docstring)."""
+def board_partitions(device: BlockDevice, flash: Flash) -> tuple[BlockDevice, BlockDevice]:
+    """The ``ledger`` and ``keystore`` partitions of a board's flash on ``device``."""
+    return open_partition(device, flash, "ledger"), open_partition(device, flash, "keystore")
 
-    def __init__(self, fleet: Provisioning, device: BlockDevice, flash: Flash, device_key: bytes,
-                 *, extra_peers: Mapping[bytes, bytes] | None = None, seeded: bool = True,
-                 ram_segment: int = RAM_SEGMENT, ram_segments: int = RAM_SEGMENTS,
-                 **settings: object):
-        self.fleet, self.flash, self.device_key = fleet, flash, device_key
+
+class LocalFleet:
+    """The provisioned terminals, the first one on ``flash`` (module docstring)."""
+
+    def __init__(self, fleet: Provisioning, flash: tuple[BlockDevice, BlockDevice],
+                 device_key: bytes, *, extra_peers: Mapping[bytes, bytes] | None = None,
+                 seeded: bool = True, ram_segment: int = RAM_SEGMENT,
+                 ram_segments: int = RAM_SEGMENTS, **settings: object):
+        self.fleet, self.device_key = fleet, device_key
         self.settings = settings
         self.seeded = seeded
         self.clock = ManualClock(fleet.genesis.header.timestamp_ms)
@@ -58,8 +65,7 @@ class LocalFleet:
         self.ram = {t.terminal_id: (RamBlockDevice(ram_segment, ram_segments),
                                     RamBlockDevice(ram_segment, ram_segments))
                     for t in fleet.identities[1:]}
-        self.device = device
-        self.ecd = self._first(device)
+        self.ecd = self._first(flash)
         self.net = LocalNet([self.ecd, *(self._other(tid) for tid in self.ram)])
 
     def _kw(self, tid: str, label: str) -> dict[str, object]:
@@ -69,11 +75,11 @@ class LocalFleet:
             kw["entropy"] = random.Random(label).randbytes
         return kw
 
-    def _first(self, device: BlockDevice) -> Terminal:
+    def _first(self, flash: tuple[BlockDevice, BlockDevice]) -> Terminal:
         self.boots += 1
-        return Terminal.on_flash(self.fleet.config(self.first, **self.settings), device,
-                                 self.flash, device_key=self.device_key,
-                                 **self._kw(self.first, f"{self.first} boot {self.boots}"))
+        return Terminal(self.fleet.config(self.first, **self.settings), ledger=flash[0],
+                        keystore=flash[1], device_key=self.device_key,
+                        **self._kw(self.first, f"{self.first} boot {self.boots}"))  # type: ignore[arg-type]
 
     def _other(self, tid: str) -> Terminal:
         ledger, keystore = self.ram[tid]
@@ -85,10 +91,9 @@ class LocalFleet:
         """The fleet's genesis on every terminal's flash."""
         self.net.found(self.fleet.genesis)
 
-    def reboot(self, device: BlockDevice) -> Terminal:
-        """The first terminal powers off and on over ``device`` (the same flash, reopened)."""
-        self.device = device
-        self.ecd = self._first(device)
+    def reboot(self, flash: tuple[BlockDevice, BlockDevice]) -> Terminal:
+        """The first terminal powers off and on over ``flash`` (the same partitions, reopened)."""
+        self.ecd = self._first(flash)
         self.net = LocalNet([self.ecd, *(self.net.terminals[t] for t in self.ram)])
         return self.ecd
 

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from agent.keystore.store import KeyStoreError
 from agent.ledger.block import Block, header_hash
 from agent.node import events as ev
 from agent.node.actions import (
@@ -140,7 +141,11 @@ class LocalNet:
             elif isinstance(a, SubmitBlock):
                 self._order(sender, a.block)
             elif isinstance(a, SendKey):
-                envelope = self.terminals[sender].export_key(a)
+                try:
+                    envelope = self.terminals[sender].export_key(a)
+                except (KeyStoreError, OSError):  # the key could not be read: nothing sent
+                    self.dropped += 1
+                    continue
                 if a.peer in self.terminals and a.peer not in self.offline:
                     received = self.terminals[a.peer].open_key(sender, a.meter_id,
                                                                a.key_version, envelope)

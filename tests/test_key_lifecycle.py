@@ -31,7 +31,7 @@ from agent.ledger.state import MeterStatus
 from agent.ledger.tx import TxKind, rotation_proof_digest
 from agent.node import events as ev
 from agent.node.actions import Acknowledge, Nak, Refuse
-from emulator.localfleet import LocalFleet
+from emulator.localfleet import LocalFleet, board_partitions
 from emulator.meter_keys import MeterKeys
 from emulator.provision import Provisioning, provision
 from hal.blockdev import FileBlockDevice, open_partition
@@ -61,7 +61,7 @@ class Site(LocalFleet):
     def __init__(self, image: Path, device_key: bytes):
         self.image = image
         self.dev = FileBlockDevice(image, FLASH.erase_block_bytes)
-        super().__init__(FLEET, self.dev, FLASH, device_key,
+        super().__init__(FLEET, board_partitions(self.dev, FLASH), device_key,
                          extra_peers={MASTER_ID: public_bytes(MASTER)})
         self.meters = {m: MeterKeys(m, FLEET.factory_keys[m], random.Random(m).randbytes)
                        for m in METERS}
@@ -70,7 +70,7 @@ class Site(LocalFleet):
         """ecd-00 powers off and on: its chain and key store are read back from the image."""
         self.dev.close()
         self.dev = FileBlockDevice(self.image, FLASH.erase_block_bytes)
-        self.reboot(self.dev)
+        self.reboot(board_partitions(self.dev, FLASH))
 
     def close(self) -> None:
         self.dev.close()

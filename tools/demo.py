@@ -34,7 +34,7 @@ from agent.ledger.query import Answer, QueryResult
 from agent.node import events as ev
 from agent.node.actions import Acknowledge, Refuse
 from emulator.flash import PowerCut, PowerCutDevice
-from emulator.localfleet import LocalFleet
+from emulator.localfleet import LocalFleet, board_partitions
 from emulator.meter_keys import MeterKeys
 from emulator.provision import provision
 from hal.blockdev import FileBlockDevice, open_partition
@@ -178,7 +178,7 @@ def lifecycle_step(image: Path, board_name: str) -> None:
     fleet_keys = provision(TERMINALS, meters, timestamp_ms=time.time_ns() // 1_000_000)
     master = X25519PrivateKey.generate()
     dev = FileBlockDevice(image, board.flash.erase_block_bytes)
-    fleet = LocalFleet(fleet_keys, dev, board.flash, device_key, seeded=False,
+    fleet = LocalFleet(fleet_keys, board_partitions(dev, board.flash), device_key, seeded=False,
                        extra_peers={MASTER_ID: public_bytes(master)},
                        txs_per_block=board.ledger.txs_per_block,
                        pow_difficulty=board.ledger.pow_difficulty)
@@ -249,7 +249,7 @@ def lifecycle_step(image: Path, board_name: str) -> None:
     messages = fleet.net.delivered
     dev.close()
     dev = FileBlockDevice(image, board.flash.erase_block_bytes)
-    ecd = fleet.reboot(dev)
+    ecd = fleet.reboot(board_partitions(dev, board.flash))
     rep = ecd.chain.report
     after = {m: fleet.answer(m) for m in asked}
     deep = ecd.chain.verify(deep=True)
