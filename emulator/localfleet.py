@@ -94,7 +94,7 @@ class LocalFleet:
     def reboot(self, flash: tuple[BlockDevice, BlockDevice]) -> Terminal:
         """The first terminal powers off and on over ``flash`` (the same partitions, reopened)."""
         self.ecd = self._first(flash)
-        self.net = LocalNet([self.ecd, *(self.net.terminals[t] for t in self.ram)])
+        self.net.replace(self.ecd)
         return self.ecd
 
     def terminal(self, terminal_id: str) -> Terminal:

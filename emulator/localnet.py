@@ -93,11 +93,29 @@ class LocalNet:
         self.run()
         return self.replies[terminal_id][start:]
 
+    def replace(self, terminal: Terminal) -> None:
+        """A terminal rebooted: the same id, a new runtime; what is queued for it still arrives."""
+        self.terminals[terminal.id] = terminal
+        self._route(terminal.id, terminal.boot_actions)
+
+    def post(self, terminal_id: str, event: ev.Event) -> None:
+        """Queue ``event`` for a terminal without running the network."""
+        self._queue.append((terminal_id, event))
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     def run(self, limit: int = 1_000_000) -> None:
         """Deliver queued messages in order until none is left (``limit`` bounds a loop)."""
-        for _ in range(limit):
+        if not self.run_some(limit):
+            raise RuntimeError(f"the network did not settle within {limit} messages")
+
+    def run_some(self, n: int) -> bool:
+        """Deliver at most ``n`` queued messages; True when the queue is empty."""
+        for _ in range(n):
             if not self._queue:
-                return
+                return True
             to, item = self._queue.popleft()
             if to in self.offline:
                 self.dropped += 1
@@ -108,7 +126,7 @@ class LocalNet:
             self._route(to, actions)
             if self._tick is not None:
                 self._tick()
-        raise RuntimeError(f"the network did not settle within {limit} messages")
+        return not self._queue
 
     def tick_all(self) -> None:
         """A timer tick on every terminal that is up (timeouts, batching)."""

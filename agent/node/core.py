@@ -357,6 +357,12 @@ class Node:
         op = self._admit(Op.REVOKE, e.meter_id, e.request_id, None, at, out)
         if op is None:
             return
+        entry = self.ledger.meter(e.meter_id)
+        if entry is not None and entry.status is MeterStatus.REVOKED:
+            # already revoked (this request committed before a reboot, or another did)
+            out.append(Acknowledge(e.meter_id, e.request_id, Op.REVOKE, entry.key_version,
+                                   entry.height))
+            return
         entry = self._home_entry(op.op, e.meter_id, e.request_id, out)
         if entry is None:
             return
@@ -367,6 +373,12 @@ class Node:
     def _on_migrate(self, e: ev.MigrateRequest, at: ev.Time, out: list[Action]) -> None:
         op = self._admit(Op.MIGRATE, e.meter_id, e.request_id, None, at, out)
         if op is None:
+            return
+        entry = self.ledger.meter(e.meter_id)
+        if entry is not None and entry.status is MeterStatus.LIVE and entry.home == e.new_home:
+            # already homed there (this request committed before a reboot, or nothing to do)
+            out.append(Acknowledge(e.meter_id, e.request_id, Op.MIGRATE, entry.key_version,
+                                   entry.height))
             return
         entry = self._home_entry(op.op, e.meter_id, e.request_id, out)
         if entry is None:
