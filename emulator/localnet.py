@@ -85,6 +85,9 @@ class LocalNet:
         for t in self.terminals.values():
             self._route(t.id, t.deliver(genesis))
         self.run()
+        refused = [t.id for t in self.terminals.values() if t.chain.height != 0]
+        if refused:
+            raise ValueError(f"the genesis was refused by {', '.join(refused)}")
 
     def send(self, terminal_id: str, event: ev.Event) -> list[Reply]:
         """``event`` to a terminal; run until nothing moves; that terminal's new replies."""

@@ -19,6 +19,7 @@ from agent.keystore.transport import AllowList, public_bytes
 from agent.ledger.block import Block, genesis, header_hash
 from agent.ledger.identity import TerminalIdentity
 from agent.node.core import NodeConfig
+from hal.board import Ledger
 
 
 def _derive(seed: bytes | None, label: str) -> bytes:
@@ -47,17 +48,24 @@ class Provisioning:
         entries.update(extra or {})
         return AllowList(entries)
 
-    def config(self, terminal_id: str, **settings: object) -> NodeConfig:
-        """The node settings of one terminal: its identity, the fleet's genesis and factory keys."""
+    def config(self, terminal_id: str, ledger: Ledger | None = None,
+               **settings: object) -> NodeConfig:
+        """The node settings of one terminal: its identity, the fleet's genesis and factory keys,
+        and the board's ``[ledger]`` section (PoW difficulty, transactions per block)."""
+        if ledger is not None:
+            settings = {"pow_difficulty": ledger.pow_difficulty,
+                        "txs_per_block": ledger.txs_per_block, **settings}
         return NodeConfig(self.identity(terminal_id), genesis_hash=self.genesis_hash,
                           factory_key=self.factory_keys.get, **settings)  # type: ignore[arg-type]
 
 
 def provision(terminals: int, meters: Iterable[bytes], *, timestamp_ms: int,
-              seed: bytes | None = None, prefix: str = "ecd-") -> Provisioning:
+              seed: bytes | None = None, prefix: str = "ecd-",
+              difficulty: int = 0) -> Provisioning:
     """A fleet of ``terminals`` (ids ``ecd-00``...) and the factory keys of ``meters``.
 
-    The genesis names every terminal and is endorsed by a bare majority of them.
+    The genesis names every terminal, is sealed at the board's PoW
+    ``difficulty`` and endorsed by a bare majority of them.
     """
     ids = [TerminalIdentity.from_seed(f"{prefix}{i:02d}", _derive(seed, f"terminal {i}"))
            for i in range(terminals)]
@@ -66,5 +74,5 @@ def provision(terminals: int, meters: Iterable[bytes], *, timestamp_ms: int,
     factory = {bytes(m): _derive(seed, f"factory {bytes(m).hex()}") for m in meters}
     quorum = terminals // 2 + 1
     block = genesis(ids[0], [(t.terminal_id, t.public_bytes()) for t in ids],
-                    timestamp_ms=timestamp_ms, endorsers=ids[:quorum])
+                    timestamp_ms=timestamp_ms, endorsers=ids[:quorum], difficulty=difficulty)
     return Provisioning(ids, transport, factory, block)

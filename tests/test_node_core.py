@@ -15,7 +15,13 @@ import pytest
 
 from agent.keystore.material import fingerprint, make_rotation_proof, new_key
 from agent.keystore.store import MeterStatus as StoreStatus
-from agent.ledger.block import endorse, genesis, header_hash, with_endorsements
+from agent.ledger.block import (
+    endorse,
+    genesis,
+    header_hash,
+    leading_zero_bits,
+    with_endorsements,
+)
 from agent.ledger.chain import BlockRejected, Chain, ChainCorruptError, ForeignChainError
 from agent.ledger.identity import TerminalIdentity
 from agent.ledger.proof import check_record_proof, record_proof
@@ -33,6 +39,7 @@ from emulator.flash import PowerCut, PowerCutDevice, RamBlockDevice
 from emulator.localfleet import LocalFleet
 from emulator.meter_keys import MeterKeys
 from emulator.provision import provision
+from hal.board import Ledger
 from hal.recordlog import RecordLog, record_size
 
 T0 = 1_700_000_000_000
@@ -435,3 +442,39 @@ def test_a_wrapped_key_under_another_factory_key_is_refused(fleet):
     assert fleet.send(unprovisioned).reason is Nak.NO_FACTORY_KEY
     assert fleet.ecd.chain.height == 0 and header_hash(FLEET.genesis.header) == \
         FLEET.genesis_hash
+
+
+# ------------------------------------------------------- the board's [ledger]
+
+def test_the_boards_ledger_section_sets_the_seal_and_the_batch():
+    """A board asking for the paper's PoW (8 bits) and at most two transactions a block:
+    the proposer seals and batches by it, and every chain demands the seal."""
+    board_ledger = Ledger(pow_difficulty=8, txs_per_block=2)
+    unsealed_fleet = LocalFleet(FLEET, (RamBlockDevice(SEG, SEGMENTS),
+                                        RamBlockDevice(SEG, SEGMENTS)), DEVICE_KEY,
+                                ledger=board_ledger)
+    with pytest.raises(ValueError, match="genesis was refused"):
+        unsealed_fleet.found()  # a genesis without the seal the board demands
+    sealed = provision(5, METERS, timestamp_ms=T0, seed=b"node core", difficulty=8)
+    fleet = LocalFleet(sealed, (RamBlockDevice(SEG, SEGMENTS), RamBlockDevice(SEG, SEGMENTS)),
+                       DEVICE_KEY, ledger=board_ledger)
+    fleet.found()
+    assert fleet.ecd.chain.require_pow == 8
+    meters = [MeterKeys(m, sealed.factory_keys[m], random.Random(m).randbytes)
+              for m in METERS[:5]]
+    requests = [m.register() for m in meters]
+    for r in requests:
+        fleet.net.post("ecd-00", r)  # a burst: they arrive before the first block commits
+    fleet.net.run()
+    acks = [r for r in fleet.net.replies["ecd-00"] if isinstance(r, Acknowledge)]
+    assert sorted(a.request_id for a in acks) == sorted(r.request_id for r in requests)
+    blocks = fleet.net.ordering.blocks[1:]
+    assert [len(b.txs) for b in blocks] == [1, 2, 2]  # the first alone, then batches of two
+    assert all(b.header.difficulty == 8 and leading_zero_bits(header_hash(b.header)) >= 8
+               for b in blocks)
+    unsealed = propose_block(fleet.ecd.chain.state, sealed.identity("ecd-00"), [],
+                             timestamp_ms=T0 + 10**8)
+    with pytest.raises(BlockRejected) as info:
+        fleet.ecd.chain.append(with_endorsements(unsealed, [
+            endorse(sealed.identities[i], unsealed.header) for i in range(3)]))
+    assert info.value.reason is Reason.BAD_POW

@@ -175,13 +175,13 @@ def lifecycle_step(image: Path, board_name: str) -> None:
     create(image, board)
     device_key = load_device_key(image.with_name("device.key"), create=True)
     meters = [bytes.fromhex(f"{100000 + i:012d}") for i in range(METERS)]  # BCD addresses
-    fleet_keys = provision(TERMINALS, meters, timestamp_ms=time.time_ns() // 1_000_000)
+    fleet_keys = provision(TERMINALS, meters, timestamp_ms=time.time_ns() // 1_000_000,
+                           difficulty=board.ledger.pow_difficulty)
     master = X25519PrivateKey.generate()
     dev = FileBlockDevice(image, board.flash.erase_block_bytes)
     fleet = LocalFleet(fleet_keys, board_partitions(dev, board.flash), device_key, seeded=False,
                        extra_peers={MASTER_ID: public_bytes(master)},
-                       txs_per_block=board.ledger.txs_per_block,
-                       pow_difficulty=board.ledger.pow_difficulty)
+                       ledger=board.ledger)
     fleet.found()
     me = fleet.first
     quorum = TERMINALS // 2 + 1
