@@ -1,17 +1,24 @@
 """Append-only, checksummed record log on one flash partition.
 
-Layout. Each erase block is a *segment*. Like UBI, a segment carries two
-headers: an erase-count header written right after every erase (so wear
-survives reboots), and a use header written when the segment is opened for
-records (its serial orders segments; its first_seq says which record it
-starts with). Records follow, 8-byte aligned, never crossing a segment:
+Layout (format 2). Each erase block is a *segment*. Like UBI, a segment
+carries two headers: an erase-count header written right after every erase
+(so wear survives reboots), and a use header written when the segment is
+opened for records (its serial orders segments; its first_seq says which
+record it starts with). Records follow, 8-byte aligned, never crossing a
+segment:
 
     EC header   0..15   b"EKEC" ver pad3 erase_count:u32 crc32:u32
     use header 16..47   b"EKSG" ver pad3 serial:u64 first_seq:u64 rsvd:u32 crc32:u32
-    record     48..     magic:u16 flags:u8 rsvd:u8 length:u32 seq:u64 crc32:u32 payload pad
+    record     48..     magic:u16 flags:u8 hcrc:u8 length:u32 seq:u64 crc32:u32
+                        payload END pad
 
-A record's CRC-32 covers its header and payload. Record ids (``seq``) are
-dense and strictly increasing from 1.
+``hcrc`` is a CRC-8 (polynomial 0x07) over magic, flags, length and seq: it
+catches every single-byte error in them, so a record's length can be
+trusted without its payload. ``crc32`` covers the 16 header bytes before it
+and the payload. END is the byte 0x01, the last byte a record's write
+programs (the pad stays erased): a record takes REC_OVERHEAD = 21 bytes
+besides its payload, then padding. Record ids (``seq``) are dense and
+strictly increasing from 1.
 
 Durability. ``append``/``append_many`` write, then sync (ioctl SYNC =
 fdatasync); only then do the records become visible to readers. A batch
@@ -21,13 +28,54 @@ byte of a write therefore leaves exactly the previously committed records.
 After any I/O error the log refuses further writes until it is reopened,
 since what reached the flash is then unknown.
 
+Torn write or bit rot. The power-cut model (emulator/flash.py emulates it)
+is sequential programming within a write: bytes are programmed whole and in
+address order, and a cut leaves every byte after the last one programmed
+erased (0xFF). A complete record always ends in a programmed END, so at the
+first record of a segment that is not intact (CRC-32 and END in place),
+recovery compares the last programmed byte of the rest of the segment with
+where the record would end:
+
+  - header fails its check (hcrc, magic, flags, bounds): torn if nothing is
+    programmed past the header's 20 bytes; rot otherwise. Stray bytes where
+    no record began (both magic bytes erased) lose no record: the segment
+    is closed to writes and, unless an intact record follows, nothing is
+    reported.
+  - header sound: its length places END. Torn if END and all after it are
+    erased; rot if anything from END on is programmed (a CRC-32 failure
+    with END written, a wrong END value, bytes after an erased END).
+
+A torn tail was never acknowledged and is dropped; rot is damage (below).
+One fault at a time is assumed, with one exception: rot in a torn tail the
+log has since moved past (the next segment starts at that tail's first id,
+so nothing there was committed) costs nothing and is not reported.
+hcrc is consulted only for a record whose CRC-32 fails: on an intact record
+the CRC-32 covers it already, so boot checks nothing more per record than
+its END byte.
+
+One state cannot be told apart: a record complete but for an erased END is
+what a cut before a write's last byte leaves, and what rot turning END into
+0xFF leaves. It is read as the cut, so that a record is visible only once
+its last byte is on flash and a power cut at any byte leaves exactly the
+committed records; keeping it instead would bring back at boot a write that
+was cut and never acknowledged. Only the log's newest record is exposed to
+this (elsewhere the records after it, or the next segment's first id, show
+the loss), and END = 0x01 is seven bit errors away from 0xFF: no single-bit
+error or inverted byte turns it into 0xFF, so every other rot of a complete
+record is reported. Real flash programs in pages: a cut that leaves garbage
+after the last byte it wrote breaks the model and reads as damage, from
+which ``salvage`` recovers exactly the committed records.
+
 Recovery (``open``) scans every segment: records up to the first invalid
-one are kept; a torn tail is expected after a power cut. A checksum failure
-followed by valid committed records, or a gap between segments, is damage,
-not a torn write: ``LogCorruptError`` names the segment, offset and the
+one are kept, and a torn tail is expected after a power cut. Rot, a record
+failing its check before intact ones, or a gap between segments is damage:
+``LogCorruptError`` names the segment, the offset, the record and the
 records it would lose, and nothing is silently dropped. ``salvage=True``
-opens such a log read-only with only the records before the damage, so the
-layer above can say what the damage cost (the ledger names the block).
+opens such a log read-only with only the committed records before the
+damage, so the layer above can say what the damage cost (the ledger names
+the block). A segment header of another format version is refused with
+``LogFormatError``, not taken for free space that ``erase_dirty`` would
+erase.
 
 Space. ``release(before_seq)`` erases the segments holding only records
 older than ``before_seq`` (the compaction step behind a snapshot); the
@@ -54,7 +102,7 @@ from hal.blockdev import (
     BlockDevice,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: header check byte and END marker in every record
 ALIGN = 8
 
 _EC = struct.Struct("<4sB3xI")  # + crc32
@@ -66,13 +114,17 @@ USE_OFFSET = EC_SIZE
 USE_SIZE = _USE.size + 4  # 32
 DATA_START = USE_OFFSET + USE_SIZE  # 48
 
-_REC = struct.Struct("<HBBIQ")  # + crc32
+_REC = struct.Struct("<HBBIQ")  # magic, flags, hcrc, length, seq; + crc32
+_HCRC_TAIL = struct.Struct("<IQ")  # what hcrc covers after magic and flags: length, seq
 REC_MAGIC = 0x4B52  # "RK"
-REC_HEADER = _REC.size + 4  # 20
+REC_HEADER = _REC.size + 4  # 20: the payload starts here
+END = 0x01  # a record's last byte; far from ERASED (see the module docstring)
+REC_OVERHEAD = REC_HEADER + 1  # 21: header and END
 _REC_MAGIC_BYTES = REC_MAGIC.to_bytes(2, "little")
 FLAG_CONTINUES = 0x01  # more records of the same atomic batch follow
 _KNOWN_FLAGS = FLAG_CONTINUES
-_ERASED_HEADER = bytes([ERASED]) * REC_HEADER
+_ERASED_BYTE = bytes([ERASED])
+_ERASED_PAD = _ERASED_BYTE * ALIGN
 
 MIN_SEGMENTS = 2  # one being written, one to move to
 
@@ -95,6 +147,10 @@ class LogFailedError(LogError):
 
 class LogCorruptError(LogError):
     """Committed records are unreadable: damage, not a torn write."""
+
+
+class LogFormatError(LogError):
+    """The partition holds a record log of another format version; nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -161,9 +217,41 @@ def _pad(n: int) -> int:
     return -n % ALIGN
 
 
+def _crc8_table(poly: int) -> bytes:
+    table = bytearray(256)
+    for b in range(256):
+        c = b
+        for _ in range(8):
+            c = ((c << 1) ^ poly) & 0xFF if c & 0x80 else (c << 1) & 0xFF
+        table[b] = c
+    return bytes(table)
+
+
+_CRC8 = _crc8_table(0x07)
+
+
+def crc8(data: bytes | bytearray | memoryview) -> int:
+    """CRC-8, polynomial 0x07 (SMBus): detects every burst of up to 8 bits: any one-byte error."""
+    c = 0
+    for b in data:
+        c = _CRC8[c ^ b]
+    return c
+
+
+_CRC8_AFTER_MAGIC = crc8(_REC_MAGIC_BYTES)
+
+
+def _header_check(flags: int, length: int, seq: int) -> int:
+    """hcrc: the CRC-8 of magic, flags, length, seq (the constant magic's part precomputed)."""
+    c = _CRC8[_CRC8_AFTER_MAGIC ^ flags]
+    for b in _HCRC_TAIL.pack(length, seq):
+        c = _CRC8[c ^ b]
+    return c
+
+
 def record_size(payload_len: int) -> int:
-    """Flash bytes one record of ``payload_len`` takes, header and padding included."""
-    n = REC_HEADER + payload_len
+    """Flash bytes one record of ``payload_len`` takes: header, payload, END and padding."""
+    n = REC_OVERHEAD + payload_len
     return n + _pad(n)
 
 
@@ -185,6 +273,16 @@ def _encode_use(serial: int, first_seq: int) -> bytes:
     return head + _crc(head).to_bytes(4, "little")
 
 
+def _other_format(raw: bytes | bytearray) -> int | None:
+    """Version of a sound EC or use header (magic and CRC hold) of another format, if any."""
+    for off, head, magic in ((0, _EC, _EC_MAGIC), (USE_OFFSET, _USE, _USE_MAGIC)):
+        end = off + head.size
+        if (raw[off:off + 4] == magic and raw[off + 4] != FORMAT_VERSION
+                and _crc(raw[off:end]) == int.from_bytes(raw[end:end + 4], "little")):
+            return raw[off + 4]
+    return None
+
+
 def _decode_use(raw: bytes | memoryview) -> tuple[int, int] | None:
     magic, ver, serial, first_seq, rsvd = _USE.unpack_from(raw, USE_OFFSET)
     end = USE_OFFSET + _USE.size
@@ -200,27 +298,84 @@ def encode_records(payloads: Sequence[bytes], first_seq: int) -> bytes:
     out = bytearray()
     last = len(payloads) - 1
     for i, p in enumerate(payloads):
-        head = _REC.pack(REC_MAGIC, FLAG_CONTINUES if i < last else 0, 0, len(p), first_seq + i)
+        flags, seq = FLAG_CONTINUES if i < last else 0, first_seq + i
+        head = _REC.pack(REC_MAGIC, flags, _header_check(flags, len(p), seq), len(p), seq)
         out += head
         out += zlib.crc32(p, zlib.crc32(head)).to_bytes(4, "little")
         out += p
-        if i < last:  # the final pad stays erased: the write ends at the last meaningful byte
-            out += bytes([ERASED]) * _pad(REC_HEADER + len(p))
+        out.append(END)
+        if i < last:  # the final pad stays erased: the write ends with its END
+            out += _ERASED_PAD[:_pad(REC_OVERHEAD + len(p))]
     return bytes(out)
 
 
 def _parse_record(buf: bytes | memoryview, pos: int, limit: int) -> tuple[int, int, int] | None:
-    """(seq, flags, payload length) of a valid record at ``pos``, else None."""
+    """(seq, flags, payload length) of a record at ``pos`` whose CRC-32 holds, else None.
+
+    Neither hcrc nor END is read: the CRC-32 vouches for the header, and
+    END only tells recovery that a write finished (see ``_scan_segment``).
+    """
     if pos + REC_HEADER > limit:
         return None
-    magic, flags, rsvd, length, seq = _REC.unpack_from(buf, pos)
-    if magic != REC_MAGIC or rsvd or flags & ~_KNOWN_FLAGS or pos + REC_HEADER + length > limit:
+    magic, flags, _hcrc, length, seq = _REC.unpack_from(buf, pos)
+    if magic != REC_MAGIC or flags & ~_KNOWN_FLAGS or pos + REC_HEADER + length > limit:
         return None
     body = pos + REC_HEADER
     stored = int.from_bytes(buf[body - 4:body], "little")
     if zlib.crc32(buf[body:body + length], zlib.crc32(buf[pos:body - 4])) != stored:
         return None
     return seq, flags, length
+
+
+def _intact_record(buf: memoryview, pos: int, limit: int) -> tuple[int, int, int] | None:
+    """Like ``_parse_record``, and the record's END is in place: a finished write."""
+    rec = _parse_record(buf, pos, limit)
+    if rec is None:
+        return None
+    end = pos + REC_HEADER + rec[2]
+    return rec if end < limit and buf[end] == END else None
+
+
+def _sound_header_length(buf: memoryview, pos: int, limit: int) -> int | None:
+    """Payload length of the header at ``pos`` if the header passes its own check (hcrc)."""
+    if pos + REC_HEADER > limit:
+        return None
+    magic, flags, hcrc, length, seq = _REC.unpack_from(buf, pos)
+    if (magic != REC_MAGIC or flags & ~_KNOWN_FLAGS or pos + REC_OVERHEAD + length > limit
+            or _header_check(flags, length, seq) != hcrc):
+        return None
+    return length
+
+
+def _last_programmed(buf: memoryview, start: int) -> int:
+    """Offset of the last byte at or after ``start`` that is not erased; -1 if none is."""
+    n = len(bytes(buf[start:]).rstrip(_ERASED_BYTE))
+    return start + n - 1 if n else -1
+
+
+def _rot(buf: memoryview, pos: int, limit: int, tail: int) -> str | None:
+    """Why the first record at ``pos`` that is not intact is bit rot; None for a torn write.
+
+    ``tail`` is the last programmed byte from ``pos`` on. Under sequential
+    programming a cut leaves everything after its last byte erased, and a
+    finished record ends in END, so programmed bytes past where the cut
+    must have been mean the record was complete (module docstring).
+    """
+    length = _sound_header_length(buf, pos, limit)
+    if length is None:
+        if tail < pos + REC_HEADER or buf[pos] == buf[pos + 1] == ERASED:
+            return None  # cut inside the header, or no record began here
+        return (f"fails its check (header) while the segment is programmed up to offset "
+                f"{tail}: bit rot, not a torn write")
+    end = pos + REC_HEADER + length
+    if tail < end:
+        return None  # cut before END: the write never finished
+    if _parse_record(buf, pos, limit) is None:
+        return (f"fails its check (CRC-32) though the segment is programmed through its end "
+                f"at offset {end}: bit rot, not a torn write")
+    if buf[end] != ERASED:
+        return f"fails its check: its end marker reads {buf[end]:#04x}, not {END:#04x}: bit rot"
+    return f"fails its check: its end marker is erased, yet the segment is programmed up to {tail}"
 
 
 class RecordLog:
@@ -237,7 +392,7 @@ class RecordLog:
                            f"erase blocks, the partition has {self.segment_count}")
         if self.segment_bytes < DATA_START + record_size(1) or self.segment_bytes % ALIGN:
             raise LogError(f"erase block of {self.segment_bytes} bytes is too small")
-        self.max_payload = self.segment_bytes - DATA_START - REC_HEADER
+        self.max_payload = self.segment_bytes - DATA_START - REC_OVERHEAD
         self.compactor = compactor
         self.reserve = reserve_segments if compactor else 0
         self._compacting = False
@@ -268,6 +423,11 @@ class RecordLog:
             head = self._read(block, 0, DATA_START + REC_HEADER)
             ec = _decode_ec(head)
             use = _decode_use(head)
+            if (ec is None or use is None) and (other := _other_format(head)) is not None:
+                raise LogFormatError(
+                    f"segment {block} holds record-log format {other}, this build reads format "
+                    f"{FORMAT_VERSION}; nothing was changed (boot the firmware that wrote it, "
+                    "or erase the partition to start afresh)")
             if ec is None:
                 unknown_wear.append(block)
             else:
@@ -290,16 +450,24 @@ class RecordLog:
         torn_tail = False
         dropped = 0
         expected = used[0][2] if used else 1
+        tail_rot: Damage | None = None
         for i, (serial, block, first_seq) in enumerate(used):
+            # rot in a segment's tail costs nothing if the log moved on past it: the next
+            # segment starting at that tail's id shows it was a torn write of an earlier boot
+            if tail_rot is not None and first_seq != tail_rot.expected_seq:
+                damage.append(tail_rot)
             if first_seq != expected:
                 damage.append(Damage(block, USE_OFFSET, expected,
                                      f"segment starts at record {first_seq}, expected {expected}"))
-            seg, seg_dropped, clean_end = self._scan_segment(block, serial, first_seq, damage)
+            seg, seg_dropped, clean_end, tail_rot = self._scan_segment(block, serial, first_seq,
+                                                                       damage)
             dropped += seg_dropped
             torn_tail = not clean_end and i == len(used) - 1
             expected = seg.last_seq + 1
             self._segments.append(seg)
             self._next_serial = serial + 1
+        if tail_rot is not None:
+            damage.append(tail_rot)
         if damage:
             lines = "; ".join(f"segment {d.segment} offset {d.offset}: {d.detail} "
                               f"(committed records from {d.expected_seq} on would be lost)"
@@ -342,36 +510,56 @@ class RecordLog:
             damage.append(Damage(block, USE_OFFSET, seq,
                                  f"segment holds record {seq} but its use header is damaged"))
 
-    def _scan_segment(self, block: int, serial: int, first_seq: int,
-                      damage: list[Damage]) -> tuple[_Segment, int, bool]:
-        """Index one used segment: (segment, records of an unfinished batch dropped, clean end)."""
+    def _scan_segment(self, block: int, serial: int, first_seq: int, damage: list[Damage]
+                      ) -> tuple[_Segment, int, bool, Damage | None]:
+        """Index one used segment: (segment, records of an unfinished batch dropped, clean end,
+        rot found in its tail).
+
+        Records are kept up to the first one that is not intact; what lies
+        from there to the segment's end is a torn write or rot (``_rot``),
+        which the caller judges against the next segment.
+        """
         seg = _Segment(block, serial, first_seq)
-        buf = memoryview(self._read(block, 0, self.segment_bytes))
-        pos, committed = DATA_START, 0
-        while (rec := _parse_record(buf, pos, self.segment_bytes)) is not None:
+        limit = self.segment_bytes
+        buf = memoryview(self._read(block, 0, limit))
+        pos, committed, in_order = DATA_START, 0, True
+        tail_rot: Damage | None = None
+        while (rec := _parse_record(buf, pos, limit)) is not None:
             seq, flags, length = rec
+            end = pos + REC_HEADER + length
+            if end >= limit or buf[end] != END:
+                break
             if seq != first_seq + len(seg.offsets):
-                damage.append(Damage(block, pos, first_seq + len(seg.offsets),
-                                     f"record {seq} out of order"))
+                damage.append(Damage(block, pos, first_seq + committed,
+                                     f"record {seq} out of order, record "
+                                     f"{first_seq + len(seg.offsets)} expected"))
+                in_order = False
                 break
             seg.offsets.append(pos)
             if not flags & FLAG_CONTINUES:
                 committed = len(seg.offsets)
             pos += record_size(length)
         seg.write_pos = pos
-        clean_end = all(b == ERASED for b in buf[pos:pos + REC_HEADER])
+        tail = _last_programmed(buf, pos)
+        clean_end = tail < 0
         if not clean_end:
-            seg.sealed = True
-            later = _find_valid_record(buf, pos + ALIGN, self.segment_bytes)
-            if later is not None:
-                damage.append(Damage(block, pos, first_seq + len(seg.offsets),
-                                     f"record at offset {pos} fails its check while record "
-                                     f"{later} after it is intact"))
+            seg.sealed = True  # never program over what is there
+        if not clean_end and in_order:
+            rot = _rot(buf, pos, limit, tail)
+            where = f"record {first_seq + len(seg.offsets)} at offset {pos}"
+            # committed records from the unfinished batch's start are lost
+            later = _find_valid_record(buf, pos + ALIGN, limit)
+            if later is not None:  # never a torn tail: a cut is the last write to a segment
+                damage.append(Damage(block, pos, first_seq + committed, (
+                    f"{where} {rot}; record {later} after it is intact" if rot else
+                    f"{where} fails its check while record {later} after it is intact")))
+            elif rot is not None:
+                tail_rot = Damage(block, pos, first_seq + committed, f"{where} {rot}")
         dropped = len(seg.offsets) - committed
         if dropped:  # an unfinished batch was never acknowledged: drop it
             del seg.offsets[committed:]
             seg.sealed = True
-        return seg, dropped, clean_end and not dropped
+        return seg, dropped, clean_end and not dropped, tail_rot
 
     # ------------------------------------------------------------- reading
 
@@ -404,7 +592,7 @@ class RecordLog:
         seg, pos = self._locate(seq)
         head = self._read(seg.block, pos, REC_HEADER)
         length = _REC.unpack_from(head)[3]
-        if pos + REC_HEADER + length > self.segment_bytes:
+        if pos + REC_OVERHEAD + length > self.segment_bytes:
             raise LogCorruptError(f"record {seq} header changed on flash (segment {seg.block})")
         raw = head + self._read(seg.block, pos + REC_HEADER, length)
         rec = _parse_record(raw, 0, len(raw))
@@ -589,26 +777,26 @@ class RecordLog:
         tail = self._segments[-1] if self._segments else None
         tail_free = 0
         if tail is not None and not tail.sealed:
-            tail_free = max(0, self.segment_bytes - tail.write_pos - REC_HEADER)
+            tail_free = max(0, self.segment_bytes - tail.write_pos - REC_OVERHEAD)
         usable = max(0, len(self._free) - self.reserve)
         wear = self._erase_counts
         return LogStats(
             records=len(self), first_seq=self.first_seq, next_seq=self._next_seq,
             segment_bytes=self.segment_bytes, segments=self.segment_count,
             used_segments=len(self._segments), free_segments=len(self._free),
-            payload_bytes_free=tail_free + usable * (self.segment_bytes - DATA_START - REC_HEADER),
+            payload_bytes_free=tail_free + usable * self.max_payload,
             erase_min=min(wear), erase_max=max(wear), erase_mean=sum(wear) / len(wear),
             index_bytes=sum(s.offsets.buffer_info()[1] * s.offsets.itemsize
                             for s in self._segments))
 
 
 def _find_valid_record(buf: memoryview, start: int, limit: int) -> int | None:
-    """Seq of the first valid record at an aligned offset from ``start``, if any."""
+    """Seq of the first intact record at an aligned offset from ``start``, if any."""
     raw = bytes(buf)
     magic = _REC_MAGIC_BYTES
     pos = raw.find(magic, start)
     while pos >= 0:
-        if pos % ALIGN == 0 and (rec := _parse_record(buf, pos, limit)) is not None:
+        if pos % ALIGN == 0 and (rec := _intact_record(buf, pos, limit)) is not None:
             return rec[0]
         pos = raw.find(magic, pos + 1)
     return None

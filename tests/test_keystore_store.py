@@ -39,7 +39,7 @@ from emulator.flash import PowerCut, PowerCutDevice, RamBlockDevice
 from hal.blockdev import FileBlockDevice
 from hal.board import board_path, load_board
 from hal.devicekey import DEVICE_KEY_BYTES, DeviceKeyFileError, load_device_key
-from hal.recordlog import REC_HEADER, LogFailedError, RecordLog
+from hal.recordlog import REC_OVERHEAD, LogFailedError, RecordLog
 
 SEG = 4096
 DK = bytes(range(32))
@@ -365,7 +365,7 @@ def test_power_cut_at_every_byte_of_a_put_leaves_the_old_or_the_new_version():
         store.put(mid(n), 1, key(n))
     op = lambda s: s.put(mid(2), 2, key(22))  # noqa: E731
     total = _bytes_written_by(dev, op)
-    assert total == REC_HEADER + record_payload_size(Kind.KEY, len(mid(2)))  # one record
+    assert total == REC_OVERHEAD + record_payload_size(Kind.KEY, len(mid(2)))  # one record
     old = _held(store, [mid(n) for n in range(4)])
     new = {**old, mid(2): {1: key(2), 2: key(22)}}
     outcomes = set()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import struct
+import zlib
 
 import pytest
 from hypothesis import given
@@ -13,10 +15,13 @@ from emulator.flash import PowerCut, PowerCutDevice, RamBlockDevice
 from hal.recordlog import (
     DATA_START,
     EC_SIZE,
+    END,
     REC_HEADER,
+    REC_OVERHEAD,
     USE_OFFSET,
     LogCorruptError,
     LogFailedError,
+    LogFormatError,
     PartitionFullError,
     RecordLog,
     RecordTooLargeError,
@@ -135,14 +140,14 @@ def _every_cut_recovers_previous_state(dev: RamBlockDevice, op, step_over: int =
 def test_power_cut_at_every_byte_of_an_append_recovers_the_previous_state_exactly():
     dev = filled(5)  # the append lands in the open segment
     n = _every_cut_recovers_previous_state(dev, lambda log: log.append(payload(99)))
-    assert n == REC_HEADER + PAYLOAD
+    assert n == REC_OVERHEAD + PAYLOAD  # header, payload, END: the cut at END included
 
 
 def test_power_cut_at_every_byte_of_an_append_opening_a_new_segment():
     per_seg = (SEG - DATA_START) // record_size(PAYLOAD)
     dev = filled(per_seg)  # the open segment is full: the next append opens a fresh one
     n = _every_cut_recovers_previous_state(dev, lambda log: log.append(payload(99)))
-    assert n == 32 + REC_HEADER + PAYLOAD  # use header + record
+    assert n == 32 + REC_OVERHEAD + PAYLOAD  # use header + record
 
 
 def test_power_cut_anywhere_in_an_append_that_must_erase_first():
@@ -187,13 +192,20 @@ def test_after_a_failed_write_the_log_refuses_writes_until_reopened():
 # ------------------------------------------------------------- bit flips
 
 def _last_record_extent(dev: RamBlockDevice) -> tuple[int, int]:
+    """Flash span of the newest record: header, payload and END."""
     log = RecordLog(dev)
     seg = log._segments[-1]
     start = seg.block * SEG + seg.offsets[-1]
-    return start, start + REC_HEADER + len(log.read(log.next_seq - 1))
+    return start, start + REC_OVERHEAD + len(log.read(log.next_seq - 1))
 
 
-def test_a_flipped_byte_anywhere_in_the_last_record_recovers_the_previous_state():
+def test_a_flipped_byte_anywhere_in_the_last_record_is_damage_and_salvage_keeps_the_rest():
+    """Injected: each byte of the newest record (a committed append) flipped with three masks.
+
+    Survives: open names record 6 as damaged, never drops it as a torn write;
+    salvage serves the five records before it. (tests/test_recordlog_rot.py
+    covers batches, cuts and the END byte further.)
+    """
     dev = filled(6)
     expected = contents(dev)[:-1]
     start, end = _last_record_extent(dev)
@@ -201,9 +213,10 @@ def test_a_flipped_byte_anywhere_in_the_last_record_recovers_the_previous_state(
         for mask in (0x01, 0x80, 0xFF):
             victim = copy.deepcopy(dev)
             victim.data[pos] ^= mask
-            log = RecordLog(victim)
-            assert list(log.records()) == expected, f"flip {mask:#x} at byte {pos - start}"
-            assert log.report.torn_tail
+            with pytest.raises(LogCorruptError, match=r"record 6 at offset"):
+                RecordLog(victim)
+            salvaged = RecordLog(victim, salvage=True)
+            assert list(salvaged.records()) == expected, f"flip {mask:#x} at byte {pos - start}"
 
 
 def test_a_flipped_byte_in_an_earlier_record_is_damage_not_a_torn_tail():
@@ -230,12 +243,19 @@ def test_salvage_opens_a_damaged_log_read_only_with_the_records_before_the_damag
 
 
 def test_a_lost_record_at_the_end_of_a_full_segment_is_reported_as_a_gap():
-    dev = filled(30)  # three segments
+    """Injected: the END byte of the last record of a full segment erased to 0xFF, which on
+    its own reads as a write cut at its last byte. Survives: the next segment starts one
+    record later, and that gap is reported."""
+    dev = filled(30)  # three segments, 14 records each but the last
     log = RecordLog(dev)
     first = log._segments[0]
-    pos = first.block * SEG + first.offsets[-1] + REC_HEADER
-    dev.data[pos] ^= 0x10
-    with pytest.raises(LogCorruptError, match="expected"):
+    end = first.block * SEG + first.offsets[-1] + REC_HEADER + PAYLOAD
+    assert dev.data[end] == END
+    dev.data[end] = 0xFF
+    with pytest.raises(LogCorruptError, match="starts at record 15, expected 14"):
+        RecordLog(dev)
+    dev.data[end] = END ^ 0x10  # any other value is rot of that record itself
+    with pytest.raises(LogCorruptError, match=r"record 14 at offset \d+ fails its check: its end"):
         RecordLog(dev)
 
 
@@ -253,6 +273,21 @@ def test_a_damaged_erase_count_header_keeps_the_records_and_takes_the_mean_wear(
     dev.data[0] ^= 0xFF
     log = RecordLog(dev)
     assert len(log) == 30
+
+
+def test_a_log_of_another_format_version_is_refused_not_taken_for_free_space():
+    """Injected: segment 1's erase-count header rewritten as format 1 wrote it (valid CRC).
+
+    Survives: open raises LogFormatError naming the segment and both versions;
+    nothing is erased (taking the segments for free space would erase them).
+    """
+    dev = filled(20)
+    head = struct.pack("<4sB3xI", b"EKEC", 1, 3)
+    dev.data[SEG:SEG + EC_SIZE] = head + zlib.crc32(head).to_bytes(4, "little")
+    before = bytes(dev.data)
+    with pytest.raises(LogFormatError, match=r"segment 1 holds record-log format 1, .* format 2"):
+        RecordLog(dev)
+    assert bytes(dev.data) == before
 
 
 @given(st.binary(min_size=1, max_size=SEG), st.integers(0, SEG * 3 - 1))
