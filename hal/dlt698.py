@@ -26,6 +26,11 @@ The frame, as the link layer of DL/T 698.45 lays it out::
 - HCS and FCS: CRC-16/X.25 (``hal/crc16.py``), low byte first.
 - Senders may put 0xFE wake-up bytes before a frame; they are skipped silently.
 
+SA is the meter's id: a decoded frame's ``ServerAddress.address`` is a
+``hal.ids.MeterId``, and the 1..16-byte limit is that type's. Errors say whose
+fault they are (``hal.errors``): ``LocalFrameError`` is a LocalProtocolError;
+bytes from the line never raise, so there is no remote error class.
+
 What the decoder promises (the DESIGN "Bad input" rule):
 - It never raises on received bytes and never blocks: bad input becomes a
   ``Rejected`` event and a counter.
@@ -50,6 +55,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from hal.crc16 import crc16_x25
+from hal.errors import LocalProtocolError
+from hal.ids import METER_ID_MAX, METER_ID_MIN, MeterId, MeterIdError
 
 # ---------------------------------------------------------------- limits
 START = 0x68
@@ -67,8 +74,8 @@ C_RESERVED = 0x10
 C_SCRAMBLED = 0x08
 C_FUNCTION = 0x07
 
-MIN_SA_BYTES = 1  # AF bits 0-3 hold length-1, so 1..16
-MAX_SA_BYTES = 16
+MIN_SA_BYTES = METER_ID_MIN  # AF bits 0-3 hold length-1, so 1..16: a meter id's limits
+MAX_SA_BYTES = METER_ID_MAX
 MAX_LOGICAL_ADDRESS = 3  # AF bits 4-5
 
 # Bytes L counts besides SA and APDU: L 2, C 1, AF 1, CA 1, HCS 2, FCS 2.
@@ -86,8 +93,8 @@ MAX_FRAME_BYTES = MAX_L + 2  # 16385 on the wire
 DEFAULT_MAX_FRAME_BYTES = 2048
 
 
-class LocalFrameError(ValueError):
-    """Our caller asked for something that cannot be encoded (h11's LocalProtocolError)."""
+class LocalFrameError(LocalProtocolError, ValueError):
+    """Our caller asked for something that cannot be encoded: the caller's fault."""
 
 
 class FunctionCode(enum.IntEnum):
@@ -155,7 +162,10 @@ _FUNCTION_CODES = frozenset(int(f) for f in FunctionCode)
 
 @dataclass(frozen=True)
 class ServerAddress:
-    """SA with its AF flags; ``address`` holds the SA bytes in transmission order."""
+    """SA with its AF flags; ``address`` holds the SA bytes in transmission order.
+
+    The address is the meter's id: a MeterId when decoded; encoding checks it as one.
+    """
 
     address: bytes
     type: AddressType = AddressType.SINGLE
@@ -208,11 +218,10 @@ def encode_frame(frame: Frame, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
     _check_max_frame_bytes(max_frame_bytes)
     c = frame.control.to_byte()
     sa = frame.server
-    if not isinstance(sa.address, bytes | bytearray):
-        raise LocalFrameError(f"server address must be bytes, got {type(sa.address).__name__}")
-    if not MIN_SA_BYTES <= len(sa.address) <= MAX_SA_BYTES:
-        raise LocalFrameError(f"server address of {len(sa.address)} bytes; "
-                              f"AF allows {MIN_SA_BYTES}..{MAX_SA_BYTES}")
+    try:
+        address = MeterId(sa.address)
+    except MeterIdError as exc:
+        raise LocalFrameError(f"server address: {exc} (AF holds the length minus one)") from None
     if sa.type not in _ADDRESS_TYPES:
         raise LocalFrameError(f"address type {sa.type!r} is not one of {list(AddressType)}")
     if not (isinstance(sa.logical, int) and 0 <= sa.logical <= MAX_LOGICAL_ADDRESS):
@@ -221,13 +230,13 @@ def encode_frame(frame: Frame, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
         raise LocalFrameError(f"client address {frame.client!r} is not one byte")
     if not isinstance(frame.apdu, bytes | bytearray):
         raise LocalFrameError(f"apdu must be bytes, got {type(frame.apdu).__name__}")
-    length = L_OVERHEAD + len(sa.address) + len(frame.apdu)
+    length = L_OVERHEAD + len(address) + len(frame.apdu)
     if length + 2 > max_frame_bytes:
         raise LocalFrameError(f"frame of {length + 2} bytes (apdu {len(frame.apdu)}) exceeds "
                               f"max_frame_bytes {max_frame_bytes}")
-    af = (int(sa.type) << 6) | (sa.logical << 4) | (len(sa.address) - 1)
+    af = (int(sa.type) << 6) | (sa.logical << 4) | (len(address) - 1)
     out = bytearray((START, length & 0xFF, length >> 8, c, af))
-    out += sa.address
+    out += address
     out.append(frame.client)
     out += crc16_x25(out[1:]).to_bytes(2, "little")  # HCS over L..CA
     out += frame.apdu
@@ -386,7 +395,7 @@ class FrameDecoder:
         af = buf[4]
         frame = Frame(
             control=Control.from_byte(buf[3]),
-            server=ServerAddress(address=bytes(buf[5:5 + sa_len]), type=AddressType(af >> 6),
+            server=ServerAddress(address=MeterId(buf[5:5 + sa_len]), type=AddressType(af >> 6),
                                  logical=(af >> 4) & MAX_LOGICAL_ADDRESS),
             client=buf[5 + sa_len],
             apdu=bytes(buf[header:total - 3]),

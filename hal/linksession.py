@@ -35,7 +35,8 @@ answers a negative acknowledgement with the reason code and carries on).
 Exceptions say whose fault a refused call is, as h11's do:
 ``LocalProtocolError`` (our caller misused the session) and
 ``RemoteProtocolError`` (the peer made the call impossible: it closed the
-link).
+link). Both are ``SessionError``s and subclass the firmware-wide
+``hal.errors`` types of the same names.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NewType
 
+from hal import errors
 from hal.dlt698 import (
     DEFAULT_MAX_FRAME_BYTES,
     MAX_FRAME_BYTES,
@@ -125,13 +127,16 @@ class SessionError(Exception):
     """A call the session refused."""
 
 
-class LocalProtocolError(SessionError):
+class LocalProtocolError(SessionError, errors.LocalProtocolError):
     """Our caller misused the session: an unknown request id, a call after
     close(), time going backwards, a limit exceeded by its own sends."""
 
 
-class RemoteProtocolError(SessionError):
-    """The peer made the call impossible: it closed the link (end of stream)."""
+class RemoteProtocolError(SessionError, errors.RemoteProtocolError):
+    """The peer made the call impossible: it closed the link (end of stream).
+
+    A ValueError too, as every ``hal.errors.RemoteProtocolError`` is.
+    """
 
 
 # ---------------------------------------------------------------- events

@@ -25,6 +25,8 @@ from hal.dlt698 import (
     encode_frame,
     is_response_to,
 )
+from hal.errors import LocalProtocolError
+from hal.ids import MeterId
 
 # Fewer examples for the properties that decode a stream many times over.
 HEAVY = settings(max_examples=max(10, settings.default.max_examples // 4))
@@ -141,6 +143,17 @@ def test_wildcard_address_read_frame_decodes_to_its_fields():
                             ServerAddress(b"\xaa" * 6, AddressType.WILDCARD, 0), 0,
                             bytes.fromhex("05 01 00 40 01 02 00 00"))]
     assert dec.frames == 1
+
+
+def test_a_decoded_server_address_is_the_meters_id():
+    (frame,), _ = decode(encode_frame(METER))
+    assert type(frame.server.address) is MeterId and frame.server.address == METER.server.address
+
+
+def test_a_frame_our_caller_cannot_send_is_the_callers_fault():
+    with pytest.raises(LocalFrameError) as err:
+        encode_frame(Frame(Control(FunctionCode.USER_DATA), ServerAddress(b""), 1))
+    assert isinstance(err.value, LocalProtocolError) and isinstance(err.value, ValueError)
 
 
 def test_encoder_reproduces_the_wildcard_address_read_frame_byte_for_byte():

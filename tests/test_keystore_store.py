@@ -39,6 +39,7 @@ from emulator.flash import PowerCut, PowerCutDevice, RamBlockDevice
 from hal.blockdev import FileBlockDevice
 from hal.board import board_path, load_board
 from hal.devicekey import DEVICE_KEY_BYTES, DeviceKeyFileError, load_device_key
+from hal.ids import MeterId, MeterIdError
 from hal.recordlog import REC_OVERHEAD, LogFailedError, RecordLog
 
 SEG = 4096
@@ -573,6 +574,18 @@ def mutated_records(draw) -> bytes:
 @given(records())
 def test_every_record_value_round_trips_through_its_encoding(rec):
     assert decode_record(encode_record(rec)) == rec
+
+
+def test_records_and_the_index_name_meters_by_their_id_type():
+    dev = blank()
+    store = open_store(dev)
+    store.put(mid(1), 1, key(1))
+    assert [type(r.meter_id) for r in key_records(dev, mid(1))] == [MeterId]
+    assert [type(m) for m in open_store(dev).live_meters()] == [MeterId]
+    with pytest.raises(MeterIdError):
+        store.get(b"x" * 17)
+    with pytest.raises(TypeError):  # as before: a meter id is bytes
+        store.status("meter-001")  # type: ignore[arg-type]
 
 
 @given(st.one_of(st.binary(max_size=120), mutated_records()))

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from agent.keystore.transport import (
     MAX_ENVELOPE,
-    MAX_METER_ID,
     MAX_REQUESTER_ID,
     MIN_ENVELOPE,
     AllowList,
@@ -25,6 +24,8 @@ from agent.keystore.transport import (
     public_bytes,
     seal_envelope,
 )
+from hal.errors import RemoteProtocolError
+from hal.ids import METER_ID_MAX, MeterId
 
 MASTER = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
 TERMINAL = X25519PrivateKey.from_private_bytes(bytes(range(33, 65)))
@@ -158,6 +159,13 @@ def test_truncated_or_extended_envelopes_are_bad_encodings_naming_the_length():
         assert err.value.fault is TransportFault.BAD_ENCODING
 
 
+def test_a_refused_envelope_is_the_senders_fault_and_a_value_error():
+    with pytest.raises(TransportError) as err:
+        decode_envelope(b"EKTE")
+    assert isinstance(err.value, RemoteProtocolError) and isinstance(err.value, ValueError)
+    assert type(decode_envelope(sealed()).meter_id) is MeterId
+
+
 def test_a_low_order_ephemeral_key_is_refused_not_used():
     """Injected: an all-zero ephemeral public key (shared secret 0, RFC 7748 6.1)."""
     env = decode_envelope(sealed())
@@ -170,7 +178,7 @@ def test_a_low_order_ephemeral_key_is_refused_not_used():
 
 envelopes = st.builds(
     Envelope,
-    meter_id=st.binary(min_size=1, max_size=MAX_METER_ID),
+    meter_id=st.binary(min_size=1, max_size=METER_ID_MAX),
     key_version=st.integers(0, 2**32 - 1),
     requester_id=st.binary(min_size=1, max_size=MAX_REQUESTER_ID),
     recipient_public=st.binary(min_size=32, max_size=32),

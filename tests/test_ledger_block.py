@@ -39,12 +39,20 @@ from agent.ledger.block import (
     verify_endorsement,
     with_endorsements,
 )
-from agent.ledger.codec import TERMINAL_ID_MAX, ZERO_HASH, DecodeError, VersionError
+from agent.ledger.codec import (
+    TERMINAL_ID_MAX,
+    ZERO_HASH,
+    DecodeError,
+    LedgerValueError,
+    VersionError,
+)
 from agent.ledger.identity import TerminalIdentity
 from agent.ledger.merkle import MerkleTree, leaf_hash, verify_inclusion
 from agent.ledger.rules import apply_block, propose_block, validate_block, validate_block_bytes
 from agent.ledger.state import LedgerState
 from agent.ledger.tx import MAX_TX_BYTES, Transaction, TxBuilder, TxKind, encode_tx, tx_id
+from hal.errors import LocalProtocolError
+from hal.ids import MeterId, TerminalId
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 
@@ -195,6 +203,14 @@ def test_endorsement_refuses_a_bad_id_or_signature() -> None:
         Endorsement("a", b"s" * 63)
     with pytest.raises(ValueError, match="Endorsement"):
         Block(sample_header(), (), (("a", b"s" * 64),))  # type: ignore[arg-type]
+
+
+def test_a_block_value_built_wrong_is_our_fault_and_still_a_value_error() -> None:
+    for build in (lambda: sample_header(proposer="a b"), lambda: Endorsement("", b"s" * 64),
+                  lambda: Block(sample_header(), ("tx",))):  # type: ignore[arg-type]
+        with pytest.raises(LedgerValueError) as err:
+            build()
+        assert isinstance(err.value, LocalProtocolError) and isinstance(err.value, ValueError)
 
 
 def test_endorsement_verifies_only_for_its_header_and_key() -> None:
@@ -364,6 +380,26 @@ def _chain() -> tuple[LedgerState, Block]:
 
 STATE, BLOCK = _chain()
 BLOCK_BYTES = encode_block(BLOCK)
+
+
+def test_a_decoded_block_names_terminals_and_meters_by_their_id_types() -> None:
+    block = decode_block(BLOCK_BYTES)
+    assert type(block.header.proposer) is TerminalId
+    assert all(type(e.terminal_id) is TerminalId for e in block.endorsements)
+    assert [type(tx.meter_id) for tx in block.txs if tx.kind.is_meter] == [MeterId, MeterId]
+
+
+def test_the_state_keys_its_tables_by_plain_ids_whatever_it_is_given() -> None:
+    """A MeterId key costs RAM per meter that plain bytes do not (state.py)."""
+    state = LedgerState()
+    g = genesis(IDS[0], MEMBERS, timestamp_ms=1_000, endorsers=IDS[:3])
+    apply_block(state, decode_block(encode_block(g)), validate_block(state, g))
+    block = decode_block(BLOCK_BYTES)
+    apply_block(state, block, validate_block(state, block))
+    assert {type(m) for m in state.meter_ids()} == {bytes}
+    assert {type(t.terminal_id) for t in state.terminals_in_order()} == {str}
+    assert state.meter(MeterId(b"meter-a")) == state.meter(b"meter-a") is not None
+    assert type(state.meter(b"meter-a").home) is str  # type: ignore[union-attr]
 
 
 def test_the_untampered_block_is_accepted() -> None:

@@ -31,6 +31,7 @@ from agent.ledger.snapshot import decode_meter, encode_meter
 from agent.ledger.state import MeterStatus
 from agent.ledger.tx import Transaction, TxBuilder, rotation_proof_digest
 from emulator.flash import PowerCut, PowerCutDevice, RamBlockDevice
+from hal.ids import MeterId, TerminalId
 from hal.recordlog import _REC, REC_HEADER, REC_MAGIC, LogFailedError, RecordLog
 
 # Cut points per power-cut test: fewer under qemu-user, which runs ~8x slower.
@@ -229,6 +230,20 @@ def test_blocks_after_a_snapshot_extend_it_across_reboots(dev):
     Net(again).commit([BUILDERS[0].rotate(meter(0), key_version=4, fingerprint=fp(400),
                                           proof=rotation_proof_digest(b"y"), counter=4)])
     assert Chain(RecordLog(dev), IDS[0]).entry(meter(0)).key_version == 4
+
+
+def test_what_boot_reads_back_keeps_plain_ids_in_the_table_and_typed_ids_in_records(dev):
+    chain = new_chain(dev)
+    lifecycle(Net(chain))
+    chain.snapshot()
+    again = Chain(RecordLog(dev), IDS[0])
+    assert {type(m) for m in again.state.meter_ids()} == {bytes}  # RAM per meter (state.py)
+    record = again.newest_record(meter(0))
+    assert type(record.tx.meter_id) is MeterId and type(record.tx.proposer) is TerminalId
+    entry = again.entry(meter(0))
+    meter_id, back, tx = decode_meter(encode_meter(meter(0), entry, record.tx))
+    assert tx == record.tx
+    assert type(meter_id) is MeterId and meter_id == meter(0) and back == entry._replace(seq=0)
 
 
 def test_a_snapshot_signed_by_another_terminal_is_refused(dev):

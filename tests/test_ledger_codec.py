@@ -13,6 +13,7 @@ from agent.ledger.codec import (
     TERMINAL_ID_MAX,
     ZERO_HASH,
     DecodeError,
+    LedgerValueError,
     Reader,
     VersionError,
     Writer,
@@ -41,6 +42,8 @@ from agent.ledger.tx import (
     tx_id,
     verify_tx,
 )
+from hal.errors import LocalProtocolError, RemoteProtocolError
+from hal.ids import MeterId, TerminalId
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 
@@ -382,6 +385,36 @@ def test_transaction_round_trips(tx: Transaction) -> None:
     assert len(data) <= MAX_TX_BYTES
     assert decode_tx(data) == tx
     assert encode_tx(decode_tx(data)) == data
+
+
+@given(transactions())
+def test_a_decoded_transaction_names_its_meter_and_terminals_by_their_id_types(
+        tx: Transaction) -> None:
+    back = decode_tx(encode_tx(tx))
+    assert type(back.proposer) is TerminalId
+    if tx.kind.is_meter:
+        assert type(back.meter_id) is MeterId and type(back.home) is TerminalId
+    else:
+        assert type(back.terminal) is TerminalId
+
+
+def test_a_bad_value_is_our_fault_and_bad_bytes_are_the_peers() -> None:
+    with pytest.raises(LedgerValueError) as local:
+        Transaction(TxKind.REGISTER, "a", meter_id=b"", key_version=1, fingerprint=FP, home="a")
+    assert isinstance(local.value, LocalProtocolError) and isinstance(local.value, ValueError)
+    assert "meter_id: must be 1..16 bytes, got 0" in str(local.value)
+    with pytest.raises(DecodeError) as remote:
+        decode_tx(b"\x01\x01")
+    assert isinstance(remote.value, RemoteProtocolError) and isinstance(remote.value, ValueError)
+
+
+def test_reader_reads_ids_as_their_types_and_refuses_bad_ones_as_decode_errors() -> None:
+    r = Reader(b"\x02\x00\x01\x06ecd-07")
+    assert type(r.meter_id("meter_id")) is MeterId and type(r.terminal_id("home")) is TerminalId
+    with pytest.raises(DecodeError, match=r"length 17 outside 1\.\.16"):
+        Reader(b"\x11" + bytes(17)).meter_id("meter_id")
+    with pytest.raises(DecodeError, match=r"length 0 outside 1\.\.16"):
+        Reader(b"\x00").meter_id("meter_id")
 
 
 @given(st.binary(max_size=260))

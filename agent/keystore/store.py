@@ -84,6 +84,7 @@ from agent.keystore.material import (
 from agent.keystore.transport import AllowList, seal_envelope
 from hal.blockdev import BlockDevice, open_partition
 from hal.board import Flash
+from hal.ids import METER_ID_MAX, METER_ID_MIN, MeterId
 from hal.recordlog import (
     DATA_START,
     LogCorruptError,
@@ -100,7 +101,6 @@ STORE_LABEL = b"edgekey/keystore/v1"
 DEVICE_KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # AES-GCM's 96-bit IV
 TAG_BYTES = 16
-MAX_METER_ID = 16  # DL/T 698.45 server addresses are at most 16 bytes (the ledger's cap)
 MAX_VERSION = 0xFFFF_FFFF  # u32, as on the ledger
 
 _HEAD = struct.Struct("<BBBI")  # format, kind, meter id length, version
@@ -191,7 +191,7 @@ class StoredRecord:
     """One key-store record as it sits in a RecordLog payload."""
 
     kind: Kind
-    meter_id: bytes  # empty for KEYCHECK and FILLER
+    meter_id: bytes  # a MeterId; empty for KEYCHECK and FILLER
     version: int  # KEY: its version; TOMBSTONE: newest destroyed; RETIRE: first kept
     nonce: bytes  # empty for FILLER
     sealed: bytes  # ciphertext and tag; FILLER: zero padding
@@ -205,14 +205,6 @@ class StoredRecord:
     def aad(self) -> bytes:
         """Associated data binding the ciphertext to format, kind, meter id and version."""
         return STORE_LABEL + self.header()
-
-
-def _check_meter_id(meter_id: bytes) -> bytes:
-    if not isinstance(meter_id, bytes | bytearray):
-        raise TypeError(f"meter id must be bytes, not {type(meter_id).__name__}")
-    if not 1 <= len(meter_id) <= MAX_METER_ID:
-        raise ValueError(f"meter id must be 1..{MAX_METER_ID} bytes, got {len(meter_id)}")
-    return bytes(meter_id)
 
 
 def _check_version(version: int) -> int:
@@ -258,13 +250,14 @@ def decode_record(payload: bytes) -> StoredRecord:
     if kind is Kind.KEYCHECK:
         if mlen or version:
             raise bad("key check", 2, "meter id length and version must be zero")
-    elif not 1 <= mlen <= MAX_METER_ID:
-        raise bad("meter id length", 2, f"{mlen} outside 1..{MAX_METER_ID}")
+    elif not METER_ID_MIN <= mlen <= METER_ID_MAX:
+        raise bad("meter id length", 2, f"{mlen} outside {METER_ID_MIN}..{METER_ID_MAX}")
     size = record_payload_size(kind, mlen)
     if len(data) != size:
         raise bad("length", len(data), f"{kind.name} record is {len(data)} bytes, expected {size}")
     pos = _HEAD.size
-    mid, nonce = data[pos:pos + mlen], data[pos + mlen:pos + mlen + NONCE_BYTES]
+    mid = MeterId(data[pos:pos + mlen]) if mlen else b""  # the length was checked above
+    nonce = data[pos + mlen:pos + mlen + NONCE_BYTES]
     return StoredRecord(kind, mid, version, nonce, data[pos + mlen + NONCE_BYTES:])
 
 
@@ -447,7 +440,7 @@ class KeyStore:
     # ------------------------------------------------------------- lookups
 
     def _entry(self, meter_id: bytes) -> _Meter:
-        mid = _check_meter_id(meter_id)
+        mid = MeterId(meter_id)
         m = self._index.get(mid)
         if m is None:
             raise UnknownKeyError(f"no key of meter {mid.hex()} is held here")
@@ -456,14 +449,14 @@ class KeyStore:
         return m
 
     def status(self, meter_id: bytes) -> MeterStatus:
-        m = self._index.get(_check_meter_id(meter_id))
+        m = self._index.get(MeterId(meter_id))
         if m is None:
             return MeterStatus.UNKNOWN
         return MeterStatus.DESTROYED if m.tomb_seq else MeterStatus.LIVE
 
     def versions(self, meter_id: bytes) -> tuple[int, ...]:
         """The meter's live versions, oldest first; empty unless its status is LIVE."""
-        m = self._index.get(_check_meter_id(meter_id))
+        m = self._index.get(MeterId(meter_id))
         return tuple(sorted(m.versions)) if m is not None else ()
 
     def newest(self, meter_id: bytes) -> int:
@@ -475,7 +468,7 @@ class KeyStore:
     def get(self, meter_id: bytes, version: int | None = None) -> bytes:
         """The key of ``meter_id`` (its newest live version unless ``version`` is given)."""
         m = self._entry(meter_id)
-        mid = bytes(meter_id)
+        mid = MeterId(meter_id)
         v = max(m.versions) if version is None else _check_version(version)
         seq = m.versions.get(v)
         if seq is None:
@@ -495,7 +488,7 @@ class KeyStore:
         allow_list.public_key(requester_id)  # refuse before decrypting anything
         v = self.newest(meter_id) if version is None else version
         key = self.get(meter_id, v)
-        return seal_envelope(key, meter_id=bytes(meter_id), key_version=v,
+        return seal_envelope(key, meter_id=MeterId(meter_id), key_version=v,
                              requester_id=bytes(requester_id), allow_list=allow_list,
                              entropy=self._entropy)
 
@@ -507,7 +500,7 @@ class KeyStore:
         VersionError unless ``version`` is the next one (any version for a
         meter not held); BadProofError(KEY_REUSED) for a key it held before.
         """
-        mid = _check_meter_id(meter_id)
+        mid = MeterId(meter_id)
         _check_version(version)
         key = check_key(key)
         m = self._index.get(mid)
@@ -550,7 +543,7 @@ class KeyStore:
 
         The node stores keys through ``commit_key``; this is the raw write.
         """
-        mid = _check_meter_id(meter_id)
+        mid = MeterId(meter_id)
         _check_version(version)
         key = check_key(key)
         m = self._index.get(mid)
@@ -575,7 +568,7 @@ class KeyStore:
         Their ciphertext leaves flash at a later compaction (``destroy`` erases at once).
         """
         m = self._entry(meter_id)
-        mid = bytes(meter_id)
+        mid = MeterId(meter_id)
         newest = max(m.versions)
         if _check_version(keep_from) > newest:
             raise VersionError(f"retiring below {keep_from} would drop the newest version "
@@ -596,7 +589,7 @@ class KeyStore:
 
         Idempotent on a meter already destroyed; UnknownKeyError for one never held.
         """
-        mid = _check_meter_id(meter_id)
+        mid = MeterId(meter_id)
         m = self._index.get(mid)
         if m is None:
             raise UnknownKeyError(f"no key of meter {mid.hex()} is held here")

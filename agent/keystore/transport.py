@@ -45,12 +45,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.keystore.material import KEY_BYTES, Entropy, check_key
+from hal.errors import RemoteProtocolError
+from hal.ids import METER_ID_MAX, METER_ID_MIN, TERMINAL_ID_MAX, MeterId
 
 TRANSPORT_LABEL = b"edgekey/key-transport/v1"
 MAGIC = b"EKTE"
 ENVELOPE_VERSION = 1
-MAX_METER_ID = 16  # DL/T 698.45 server addresses are at most 16 bytes (the ledger's cap)
-MAX_REQUESTER_ID = 32  # terminal names are at most 32 bytes; the master station's id too
+# A requester is a terminal (its id's cap) or the master station, whose id is
+# opaque bytes under the same cap: not a TerminalId, so only the length is checked.
+MAX_REQUESTER_ID = TERMINAL_ID_MAX
 PUBLIC_BYTES = 32  # X25519, RFC 7748 5
 SALT_BYTES = 16
 NONCE_BYTES = 12  # AES-GCM's 96-bit IV
@@ -61,7 +64,7 @@ MAX_KEY_VERSION = 0xFFFF_FFFF
 _HEAD = struct.Struct("<4sBBBBI")  # magic, version, meter id len, requester id len, rsvd, key ver
 _FIXED_TAIL = 2 * PUBLIC_BYTES + SALT_BYTES + SEALED_BYTES
 MIN_ENVELOPE = _HEAD.size + 1 + 1 + _FIXED_TAIL
-MAX_ENVELOPE = _HEAD.size + MAX_METER_ID + MAX_REQUESTER_ID + _FIXED_TAIL
+MAX_ENVELOPE = _HEAD.size + METER_ID_MAX + MAX_REQUESTER_ID + _FIXED_TAIL
 
 
 class TransportFault(enum.Enum):
@@ -73,8 +76,11 @@ class TransportFault(enum.Enum):
     TAMPERED = "authentication failed: the envelope was altered"
 
 
-class TransportError(ValueError):
-    """An envelope that cannot be opened, with the reason (``fault``)."""
+class TransportError(RemoteProtocolError):
+    """An envelope that cannot be opened, with the reason (``fault``): the sender's doing.
+
+    A ValueError (through RemoteProtocolError), as it always was.
+    """
 
     def __init__(self, fault: TransportFault, detail: str = ""):
         self.fault = fault
@@ -92,11 +98,11 @@ def public_bytes(key: X25519PublicKey | X25519PrivateKey) -> bytes:
     return pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def _check_id(value: bytes, what: str, cap: int) -> bytes:
+def _check_requester_id(value: bytes) -> bytes:
     if not isinstance(value, bytes | bytearray):
-        raise TypeError(f"{what} must be bytes, not {type(value).__name__}")
-    if not 1 <= len(value) <= cap:
-        raise ValueError(f"{what} must be 1..{cap} bytes, got {len(value)}")
+        raise TypeError(f"requester id must be bytes, not {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_REQUESTER_ID:
+        raise ValueError(f"requester id must be 1..{MAX_REQUESTER_ID} bytes, got {len(value)}")
     return bytes(value)
 
 
@@ -114,7 +120,7 @@ class AllowList:
     def __init__(self, entries: Mapping[bytes, X25519PublicKey | bytes]):
         self._keys: dict[bytes, X25519PublicKey] = {}
         for rid, key in entries.items():
-            rid = _check_id(rid, "requester id", MAX_REQUESTER_ID)
+            rid = _check_requester_id(rid)
             if isinstance(key, bytes | bytearray):
                 if len(key) != PUBLIC_BYTES:
                     raise ValueError(f"public key of {rid!r} must be {PUBLIC_BYTES} bytes")
@@ -153,9 +159,9 @@ class Envelope:
     sealed: bytes
 
     def __post_init__(self) -> None:
-        _check_id(self.meter_id, "meter id", MAX_METER_ID)
+        MeterId(self.meter_id)  # MeterIdError (a ValueError) if it is not one
         _check_version(self.key_version)
-        _check_id(self.requester_id, "requester id", MAX_REQUESTER_ID)
+        _check_requester_id(self.requester_id)
         for name, size in (("recipient_public", PUBLIC_BYTES), ("ephemeral_public", PUBLIC_BYTES),
                            ("salt", SALT_BYTES), ("sealed", SEALED_BYTES)):
             value = getattr(self, name)
@@ -189,8 +195,8 @@ def decode_envelope(data: bytes) -> Envelope:
         raise bad("magic", 0, f"{magic!r} is not {MAGIC!r}")
     if version != ENVELOPE_VERSION:
         raise bad("version", 4, f"{version} is not {ENVELOPE_VERSION}")
-    if not 1 <= mlen <= MAX_METER_ID:
-        raise bad("meter id length", 5, f"{mlen} outside 1..{MAX_METER_ID}")
+    if not METER_ID_MIN <= mlen <= METER_ID_MAX:
+        raise bad("meter id length", 5, f"{mlen} outside {METER_ID_MIN}..{METER_ID_MAX}")
     if not 1 <= rlen <= MAX_REQUESTER_ID:
         raise bad("requester id length", 6, f"{rlen} outside 1..{MAX_REQUESTER_ID}")
     if rsvd:
@@ -205,7 +211,7 @@ def decode_envelope(data: bytes) -> Envelope:
         fields.append(data[pos:pos + size])
         pos += size
     mid, rid, recipient, ephemeral, salt, sealed = fields
-    return Envelope(mid, key_version, rid, recipient, ephemeral, salt, sealed)
+    return Envelope(MeterId(mid), key_version, rid, recipient, ephemeral, salt, sealed)
 
 
 def _derive(shared: bytes, env: Envelope) -> tuple[AESGCM, bytes, bytes]:
@@ -224,7 +230,7 @@ def seal_envelope(key: bytes, *, meter_id: bytes, key_version: int, requester_id
     recipient = allow_list.public_key(requester_id)
     ephemeral = X25519PrivateKey.from_private_bytes(_take(entropy, PUBLIC_BYTES))
     salt = _take(entropy, SALT_BYTES)
-    env = Envelope(bytes(meter_id), key_version, bytes(requester_id), public_bytes(recipient),
+    env = Envelope(MeterId(meter_id), key_version, bytes(requester_id), public_bytes(recipient),
                    public_bytes(ephemeral), salt, bytes(SEALED_BYTES))
     cipher, nonce, aad = _derive(ephemeral.exchange(recipient), env)
     sealed = cipher.encrypt(nonce, key, aad)
@@ -242,7 +248,7 @@ def open_envelope(private_key: X25519PrivateKey, envelope: bytes, *, meter_id: b
     env = decode_envelope(envelope)
     if env.recipient_public != public_bytes(private_key):
         raise TransportError(TransportFault.WRONG_RECIPIENT)
-    asked = (bytes(meter_id), key_version, bytes(requester_id))
+    asked = (MeterId(meter_id), key_version, bytes(requester_id))
     got = (env.meter_id, env.key_version, env.requester_id)
     if got != asked:
         names = ("meter id", "key version", "requester id")

@@ -40,15 +40,15 @@ from agent.ledger.codec import (
     FORMAT_VERSION,
     HASH_LEN,
     SIGNATURE_LEN,
-    TERMINAL_ID_MAX,
     ZERO_HASH,
+    LedgerValueError,
     Reader,
     Writer,
-    check_terminal_id,
 )
 from agent.ledger.identity import DOMAIN_ENDORSE, TerminalIdentity, verify_signature
 from agent.ledger.merkle import merkle_root
 from agent.ledger.tx import MAX_TX_BYTES, Transaction, TxBuilder, encode_tx, read_tx, tx_id
+from hal.ids import TERMINAL_ID_MAX, check_terminal_id
 
 BLOCK_VERSION = FORMAT_VERSION
 
@@ -101,21 +101,21 @@ class BlockHeader:
 
     def __post_init__(self) -> None:
         if self.version != BLOCK_VERSION:
-            raise ValueError(f"header version: unsupported {self.version!r}")
+            raise LedgerValueError(f"header version: unsupported {self.version!r}")
         for name in ("height", "timestamp_ms", "nonce"):
             if not _u64(getattr(self, name)):
-                raise ValueError(f"header {name}: must be a u64")
+                raise LedgerValueError(f"header {name}: must be a u64")
         for name in ("prev_hash", "merkle_root"):
             value = getattr(self, name)
             if not isinstance(value, bytes) or len(value) != HASH_LEN:
-                raise ValueError(f"header {name}: must be {HASH_LEN} bytes")
+                raise LedgerValueError(f"header {name}: must be {HASH_LEN} bytes")
         if not isinstance(self.tx_count, int) or not 0 <= self.tx_count <= MAX_TXS_PER_BLOCK:
-            raise ValueError(f"header tx_count: must be 0..{MAX_TXS_PER_BLOCK}")
+            raise LedgerValueError(f"header tx_count: must be 0..{MAX_TXS_PER_BLOCK}")
         why = check_terminal_id(self.proposer)
         if why is not None:
-            raise ValueError(f"header proposer: {why}")
+            raise LedgerValueError(f"header proposer: {why}")
         if not isinstance(self.difficulty, int) or not 0 <= self.difficulty <= 255:
-            raise ValueError("header difficulty: must be a u8")
+            raise LedgerValueError("header difficulty: must be a u8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +128,9 @@ class Endorsement:
     def __post_init__(self) -> None:
         why = check_terminal_id(self.terminal_id)
         if why is not None:
-            raise ValueError(f"endorsement terminal_id: {why}")
+            raise LedgerValueError(f"endorsement terminal_id: {why}")
         if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_LEN:
-            raise ValueError(f"endorsement signature: must be {SIGNATURE_LEN} bytes")
+            raise LedgerValueError(f"endorsement signature: must be {SIGNATURE_LEN} bytes")
 
 
 def _endorsement_key(e: Endorsement) -> tuple[str, bytes]:
@@ -149,10 +149,10 @@ class Block:
         object.__setattr__(self, "txs", tuple(self.txs))
         for i, tx in enumerate(self.txs):
             if not isinstance(tx, Transaction) or not tx.is_signed:
-                raise ValueError(f"block tx[{i}]: must be a signed Transaction")
+                raise LedgerValueError(f"block tx[{i}]: must be a signed Transaction")
         for e in self.endorsements:
             if not isinstance(e, Endorsement):
-                raise ValueError("block endorsements: must be Endorsement values")
+                raise LedgerValueError("block endorsements: must be Endorsement values")
         object.__setattr__(self, "endorsements",
                            tuple(sorted(self.endorsements, key=_endorsement_key)))
 

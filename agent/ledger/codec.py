@@ -4,9 +4,13 @@ Every hash and signature in the ledger covers these bytes, so each value has
 exactly one encoding and the decoder refuses every other byte string:
 integers are fixed width (no varints, so no overlong forms), lengths are
 one byte with a named cap, identifiers use a closed alphabet, and trailing
-bytes are an error. A refusal is a ``DecodeError`` (a ``ValueError``) that
-names the field and the byte offset where it starts, the way the frame codec
-(``hal/dlt698.py``) names a rejected frame's reason.
+bytes are an error. A refusal is a ``DecodeError`` (a ``ValueError`` and
+``hal.errors.RemoteProtocolError``: the bytes came from outside) that names
+the field and the byte offset where it starts, the way the frame codec
+(``hal/dlt698.py``) names a rejected frame's reason. A value our own code
+built wrong is a ``LedgerValueError`` (a ``ValueError`` and
+``LocalProtocolError``). Meter and terminal ids, their limits and checks are
+``hal/ids.py``'s; decoded ids are ``MeterId`` / ``TerminalId`` instances.
 
 ``Writer`` and ``Reader`` are deliberately small: the record layouts live in
 ``tx.py`` and ``block.py``, next to the values they encode.
@@ -14,19 +18,24 @@ names the field and the byte offset where it starts, the way the frame codec
 
 from __future__ import annotations
 
-import re
 import struct
 
-FORMAT_VERSION = 1  # the layout version every record of this module's era starts with
+from hal.errors import LocalProtocolError, RemoteProtocolError
+from hal.ids import (
+    METER_ID_MAX,
+    METER_ID_MIN,
+    TERMINAL_ID_ALPHABET,
+    TERMINAL_ID_MAX,
+    TERMINAL_ID_MIN,
+    MeterId,
+    TerminalId,
+    TerminalIdError,
+    require_meter_id,
+    require_terminal_id,
+)
+from hal.ids import check_terminal_id as check_terminal_id  # re-exported for older callers
 
-# Terminal ids are short ascii names ("ecd-07", "pl.north.3"): readable on the
-# serial console, in logs and in board configs, and at most 32 bytes so an
-# endorsement (id + 64-byte signature) stays under 100 bytes and a block's
-# endorsement list fits one flash record (see block.py).
-TERMINAL_ID_MIN = 1
-TERMINAL_ID_MAX = 32
-TERMINAL_ID_ALPHABET = "A-Za-z0-9._-"
-_TERMINAL_ID = re.compile(rb"[A-Za-z0-9._-]+")
+FORMAT_VERSION = 1  # the layout version every record of this module's era starts with
 
 HASH_LEN = 32  # SHA-256
 SIGNATURE_LEN = 64  # Ed25519 (RFC 8032 section 5.1.6)
@@ -39,8 +48,12 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
 
-class DecodeError(ValueError):
-    """Bytes that are not the one canonical encoding of a ledger value.
+class LedgerValueError(LocalProtocolError, ValueError):
+    """Our own code built a ledger value (transaction, header, endorsement) from bad fields."""
+
+
+class DecodeError(RemoteProtocolError):
+    """Bytes that are not the one canonical encoding of a ledger value (a ValueError).
 
     ``field`` names what was being read (``"tx[3].counter"``), ``offset`` is
     the byte where that field starts in the outermost buffer.
@@ -55,18 +68,6 @@ class DecodeError(ValueError):
 
 class VersionError(DecodeError):
     """A version byte this code does not read: a newer (or foreign) format, not corruption."""
-
-
-def check_terminal_id(value: str) -> str | None:
-    """Why ``value`` is not a terminal id, or None when it is one."""
-    if not isinstance(value, str):
-        return "not a string"
-    raw = value.encode("ascii", "replace")
-    if not TERMINAL_ID_MIN <= len(raw) <= TERMINAL_ID_MAX:
-        return f"length {len(raw)} outside {TERMINAL_ID_MIN}..{TERMINAL_ID_MAX}"
-    if not value.isascii() or _TERMINAL_ID.fullmatch(raw) is None:
-        return f"characters outside [{TERMINAL_ID_ALPHABET}]"
-    return None
 
 
 class Writer:
@@ -102,10 +103,14 @@ class Writer:
         self._parts.append(bytes(value))
 
     def terminal_id(self, value: str) -> None:
-        problem = check_terminal_id(value)
-        if problem is not None:
-            raise ValueError(f"terminal id {value!r}: {problem}")
+        """One length byte, then the id; TerminalIdError (a ValueError) for a bad one."""
+        require_terminal_id(value)  # checks without copying: encoders run several times a tx
         self.short_bytes(value.encode("ascii"), TERMINAL_ID_MAX)
+
+    def meter_id(self, value: bytes) -> None:
+        """One length byte, then the id; MeterIdError (a ValueError) for a bad one."""
+        require_meter_id(value)
+        self.short_bytes(value, METER_ID_MAX)
 
     def raw(self, value: bytes) -> None:
         """An already canonical encoding (a nested record)."""
@@ -167,12 +172,17 @@ class Reader:
             raise self.fail(field, f"length {n} outside {lo}..{hi}", at)
         return self._take(field, n)
 
-    def terminal_id(self, field: str) -> str:
+    def terminal_id(self, field: str) -> TerminalId:
         at = self.offset
         raw = self.short_bytes(field, TERMINAL_ID_MIN, TERMINAL_ID_MAX)
-        if _TERMINAL_ID.fullmatch(raw) is None:
-            raise self.fail(field, f"characters outside [{TERMINAL_ID_ALPHABET}]", at)
-        return raw.decode("ascii")
+        try:
+            return TerminalId.from_ascii(raw)
+        except TerminalIdError:
+            raise self.fail(field, f"characters outside [{TERMINAL_ID_ALPHABET}]", at) from None
+
+    def meter_id(self, field: str) -> MeterId:
+        """Length byte in METER_ID_MIN..METER_ID_MAX, then the id."""
+        return MeterId(self.short_bytes(field, METER_ID_MIN, METER_ID_MAX))
 
     def version(self, field: str, expected: int) -> int:
         at = self.offset

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.ledger.codec import PUBLIC_KEY_LEN, SIGNATURE_LEN, check_terminal_id
+from agent.ledger.codec import PUBLIC_KEY_LEN, SIGNATURE_LEN
+from hal.ids import TerminalId
 
 DOMAIN_TX = b"edgekey/tx/v1"
 DOMAIN_ENDORSE = b"edgekey/endorse/v1"
@@ -34,10 +35,7 @@ class TerminalIdentity:
     __slots__ = ("_key", "_public", "terminal_id")
 
     def __init__(self, terminal_id: str, private_key: Ed25519PrivateKey) -> None:
-        problem = check_terminal_id(terminal_id)
-        if problem is not None:
-            raise ValueError(f"terminal id {terminal_id!r}: {problem}")
-        self.terminal_id = terminal_id
+        self.terminal_id = TerminalId(terminal_id)  # TerminalIdError (a ValueError) if not one
         self._key = private_key
         self._public = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 

@@ -24,7 +24,6 @@ from agent.ledger.codec import (
     HASH_LEN,
     PUBLIC_KEY_LEN,
     SIGNATURE_LEN,
-    TERMINAL_ID_MAX,
     ZERO_HASH,
     DecodeError,
     Reader,
@@ -33,14 +32,8 @@ from agent.ledger.codec import (
 from agent.ledger.errors import ChainCorruptError
 from agent.ledger.identity import TerminalIdentity, verify_signature
 from agent.ledger.state import LedgerState, MeterEntry, MeterStatus, Tip
-from agent.ledger.tx import (
-    METER_ID_MAX,
-    METER_ID_MIN,
-    Transaction,
-    decode_tx,
-    encode_tx,
-    signing_payload,
-)
+from agent.ledger.tx import Transaction, decode_tx, encode_tx, signing_payload
+from hal.ids import METER_ID_MAX, METER_ID_MIN, TERMINAL_ID_MAX
 from hal.recordlog import ALIGN, record_size
 
 SNAPSHOT_VERSION = 2  # 2: the start record names the genesis
@@ -86,7 +79,7 @@ def encode_start(state: LedgerState) -> bytes:
 
 def encode_meter(meter_id: bytes, entry: MeterEntry, tx: Transaction) -> bytes:
     w = Writer()
-    w.short_bytes(meter_id, METER_ID_MAX)
+    w.meter_id(meter_id)
     w.u8(int(entry.status))
     w.u32(entry.key_version)
     w.raw(entry.fingerprint)
@@ -99,16 +92,21 @@ def encode_meter(meter_id: bytes, entry: MeterEntry, tx: Transaction) -> bytes:
 
 
 def decode_meter(body: bytes) -> tuple[bytes, MeterEntry, Transaction]:
-    """A meter record's id, entry and transaction, or DecodeError naming the field."""
+    """A meter record's id (a MeterId), entry and transaction, or DecodeError naming the field."""
     meter_id, entry, raw_tx = decode_entry(body)
     tx = decode_tx(raw_tx)
     if tx.meter_id != meter_id:
         raise DecodeError("snapshot.tx", 0, "the carried record names another meter")
-    return meter_id, entry, tx
+    return tx.meter_id, entry, tx
 
 
 def decode_entry(body: bytes) -> tuple[bytes, MeterEntry, bytes]:
-    """A meter record's id and entry; its transaction left encoded (boot's fast path)."""
+    """A meter record's id and entry; its transaction left encoded (boot's fast path).
+
+    The id stays plain bytes: it goes straight into the state's table, which
+    keeps plain bytes (state.py), so a MeterId here would be made only to be
+    copied back, once per meter at boot.
+    """
     r = Reader(body)
     meter_id = r.short_bytes("snapshot.meter_id", METER_ID_MIN, METER_ID_MAX)
     status = r.u8("snapshot.status")

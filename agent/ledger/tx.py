@@ -36,6 +36,9 @@ Layout (big-endian, codec.py)::
     member   := terminal:tid public_key:32             (TERMINAL_ADD/RETIRE)
     tid      := len8(1..32) [A-Za-z0-9._-]
 
+(the id limits are hal/ids.py's; a decoded transaction's ids are ``MeterId``
+and ``TerminalId`` instances, plain ``bytes`` and ``str`` work as well.)
+
 The signature is last, so the signed bytes are the encoding's prefix:
 Ed25519 over ``DOMAIN_TX + encoding[:-64]``. ``tx_id`` is SHA-256 of the
 whole encoding, signature included.
@@ -54,20 +57,22 @@ from agent.ledger.codec import (
     HASH_LEN,
     PUBLIC_KEY_LEN,
     SIGNATURE_LEN,
-    TERMINAL_ID_MAX,
     ZERO_HASH,
     DecodeError,
+    LedgerValueError,
     Reader,
     Writer,
-    check_terminal_id,
 )
 from agent.ledger.identity import DOMAIN_TX, TerminalIdentity, verify_signature
+from hal.ids import (
+    METER_ID_MAX,
+    METER_ID_MIN,
+    TERMINAL_ID_MAX,
+    check_meter_id,
+    check_terminal_id,
+)
 
 TX_VERSION = FORMAT_VERSION
-
-# DL/T 698.45 server addresses (the meter's address, SA) are 1..16 bytes.
-METER_ID_MIN = 1
-METER_ID_MAX = 16
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
@@ -114,7 +119,7 @@ class Transaction:
     def __post_init__(self) -> None:
         problem = _problem(self)
         if problem is not None:
-            raise ValueError(f"transaction {problem[0]}: {problem[1]}")
+            raise LedgerValueError(f"transaction {problem[0]}: {problem[1]}")
 
     @property
     def is_signed(self) -> bool:
@@ -153,8 +158,9 @@ def _problem(tx: Transaction) -> tuple[str, str] | None:
     if not (tx.signature == b"" or _is_bytes(tx.signature, SIGNATURE_LEN, SIGNATURE_LEN)):
         return "signature", f"must be empty (unsigned) or {SIGNATURE_LEN} bytes"
     if tx.kind.is_meter:
-        if not _is_bytes(tx.meter_id, METER_ID_MIN, METER_ID_MAX):
-            return "meter_id", f"must be {METER_ID_MIN}..{METER_ID_MAX} bytes"
+        why = check_meter_id(tx.meter_id)
+        if why is not None:
+            return "meter_id", why
         if not _is_int(tx.key_version, 1, U32_MAX):
             return "key_version", "must be 1..2^32-1 (0 means no key)"
         if not _is_bytes(tx.fingerprint, HASH_LEN, HASH_LEN):
@@ -189,7 +195,7 @@ def _write_unsigned(w: Writer, tx: Transaction) -> None:
     w.u8(int(tx.kind))
     w.terminal_id(tx.proposer)
     if tx.kind.is_meter:
-        w.short_bytes(tx.meter_id, METER_ID_MAX)
+        w.meter_id(tx.meter_id)
         w.u32(tx.key_version)
         w.fixed(tx.fingerprint, HASH_LEN)
         w.terminal_id(tx.home)
@@ -228,7 +234,7 @@ def read_tx(r: Reader, prefix: str = "tx") -> Transaction:
         raise r.fail(f"{prefix}.kind", f"unknown kind {raw_kind}", at) from None
     proposer = r.terminal_id(f"{prefix}.proposer")
     if kind.is_meter:
-        meter_id = r.short_bytes(f"{prefix}.meter_id", METER_ID_MIN, METER_ID_MAX)
+        meter_id = r.meter_id(f"{prefix}.meter_id")
         at = r.offset
         key_version = r.u32(f"{prefix}.key_version")
         if key_version == 0:

@@ -47,8 +47,6 @@ from agent.ledger.identity import TerminalIdentity
 from agent.ledger.rules import PlacementOracle, Reason, check_proposal, propose_block
 from agent.ledger.state import LedgerState, MeterEntry, MeterStatus
 from agent.ledger.tx import (
-    METER_ID_MAX,
-    METER_ID_MIN,
     U32_MAX,
     U64_MAX,
     Transaction,
@@ -80,6 +78,7 @@ from agent.node.errors import LocalProtocolError
 from agent.node.operation import Operation
 from agent.node.opstate import OpState
 from agent.node.reading import BadReading, open_reading
+from hal.ids import check_meter_id
 
 # Operations in flight at once: a terminal homes a few hundred meters (the
 # paper's 25 per cluster, up to about 1000 on a PL terminal), so a burst of
@@ -219,7 +218,7 @@ class Node:
     def _admit(self, op: Op, meter_id: bytes, request_id: int, counter: int | None,
                at: ev.Time, out: list[Action]) -> Operation | None:
         """Field and capacity checks shared by every request; the new operation, or None."""
-        if not (isinstance(meter_id, bytes) and METER_ID_MIN <= len(meter_id) <= METER_ID_MAX
+        if not (check_meter_id(meter_id) is None
                 and isinstance(request_id, int) and 0 <= request_id <= U64_MAX
                 and (counter is None or (isinstance(counter, int) and 0 <= counter <= U64_MAX))):
             self._refuse(out, op, bytes(meter_id) if isinstance(meter_id, bytes) else b"",

@@ -6,14 +6,15 @@ a bug in the caller, raised at once. ``RemoteProtocolError``: a peer or a
 meter sent something that is not a message; the core answers such input
 with a refusal and a reason instead of raising, so this type marks what a
 decoder rejects before the core sees it.
+
+Both are the firmware-wide types of ``hal/errors.py``, re-exported here so
+the node's callers import them beside the node: one ``except
+LocalProtocolError`` catches the node core's, a link session's and a
+codec's alike.
 """
 
 from __future__ import annotations
 
+from hal.errors import LocalProtocolError, RemoteProtocolError
 
-class LocalProtocolError(Exception):
-    """The node core was driven wrongly by its own runtime."""
-
-
-class RemoteProtocolError(ValueError):
-    """A peer or a meter sent garbage."""
+__all__ = ["LocalProtocolError", "RemoteProtocolError"]

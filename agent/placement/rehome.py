@@ -88,7 +88,10 @@ DEFAULT_NEIGHBOURHOOD = 8
 # any surveyed meter position, far above float64 rounding of a few dozen terms.
 SITE_TIE_M = 1e-6
 
-MeterId = Hashable
+# Placement names meters by any hashable key: the planner's labels ("M0042"),
+# plain ints in tests, a hal.ids.MeterId on the terminal. It never looks inside one,
+# so it keeps no id rules of its own (hal/ids.py has them).
+MeterKey = Hashable
 XY = tuple[float, float]
 
 
@@ -105,7 +108,7 @@ class PlacementInvariantError(RuntimeError):
 class Assigned:
     """A joining meter's home terminal (the ledger's generate goes there)."""
 
-    meter_id: MeterId
+    meter_id: MeterKey
     terminal: int
 
 
@@ -113,7 +116,7 @@ class Assigned:
 class Migrate:
     """An existing meter's home changed: a migrate key operation for the ledger."""
 
-    meter_id: MeterId
+    meter_id: MeterKey
     from_terminal: int
     to_terminal: int
 
@@ -122,7 +125,7 @@ class Migrate:
 class Removed:
     """A meter left; it was homed at ``terminal``."""
 
-    meter_id: MeterId
+    meter_id: MeterKey
     terminal: int
 
 
@@ -146,7 +149,7 @@ class ReplanNeeded:
 
     terminals: tuple[int, ...]
     reason: ReplanReason
-    meter_id: MeterId
+    meter_id: MeterKey
     xy: XY
 
 
@@ -157,7 +160,7 @@ Event = Assigned | Migrate | Removed | SiteMoved | ReplanNeeded
 class PlacementArrays:
     """The state as arrays, meters in arrival order (``from_assignment``'s, then joins)."""
 
-    meter_ids: tuple[MeterId, ...]
+    meter_ids: tuple[MeterKey, ...]
     points: np.ndarray  # (n, 2) float64, metres
     assign: np.ndarray  # (n,) int64, home terminal of each meter
     sites: np.ndarray  # (k, 2) float64, each terminal's site
@@ -193,16 +196,16 @@ class Placement:
                                           error=PlacementError)
         k = len(site_xy)
         self._site_xy = site_xy.copy()
-        self._site_meter: list[MeterId | None] = [None] * k
-        self._members: list[list[MeterId]] = [[] for _ in range(k)]
+        self._site_meter: list[MeterKey | None] = [None] * k
+        self._members: list[list[MeterKey]] = [[] for _ in range(k)]
         self._load = np.zeros(k, dtype=np.int64)
-        self._xy: dict[MeterId, XY] = {}
-        self._home: dict[MeterId, int] = {}
-        self._seq: dict[MeterId, int] = {}
+        self._xy: dict[MeterKey, XY] = {}
+        self._home: dict[MeterKey, int] = {}
+        self._seq: dict[MeterKey, int] = {}
         self._next_seq = 0
 
     @classmethod
-    def from_assignment(cls, meter_ids: Iterable[MeterId], points: object, assign: object,
+    def from_assignment(cls, meter_ids: Iterable[MeterKey], points: object, assign: object,
                         sites: object, *, cap: int = DEFAULT_CAP,
                         max_detour_m: float = DEFAULT_MAX_DETOUR_M,
                         max_chain: int = DEFAULT_MAX_CHAIN,
@@ -237,7 +240,7 @@ class Placement:
         if (count > cap).any():
             t = int(np.flatnonzero(count > cap)[0])
             raise PlacementError(f"terminal {t} has {int(count[t])} meters, cap is {cap}")
-        seen: set[MeterId] = set()
+        seen: set[MeterKey] = set()
         for i, mid in enumerate(ids):
             if not _hashable(mid):
                 raise PlacementError(f"meter_ids[{i}] = {mid!r} is not hashable")
@@ -266,7 +269,7 @@ class Placement:
     def __contains__(self, meter_id: object) -> bool:
         return _hashable(meter_id) and meter_id in self._home
 
-    def home(self, meter_id: MeterId) -> int:
+    def home(self, meter_id: MeterKey) -> int:
         """The home terminal of a known meter; ``PlacementError`` for an unknown one."""
         self._require_known(meter_id)
         return self._home[meter_id]
@@ -276,7 +279,7 @@ class Placement:
         x, y = self._site_xy[terminal]
         return (float(x), float(y))
 
-    def members(self, terminal: int) -> tuple[MeterId, ...]:
+    def members(self, terminal: int) -> tuple[MeterKey, ...]:
         """The meters homed at ``terminal``, in arrival order."""
         return tuple(sorted(self._members[terminal], key=self._seq.__getitem__))
 
@@ -306,7 +309,7 @@ class Placement:
         terminal has no site meter.
         """
         problems: list[str] = []
-        listed: dict[MeterId, int] = {}
+        listed: dict[MeterKey, int] = {}
         for t, members in enumerate(self._members):
             for mid in members:
                 if mid in listed:
@@ -341,7 +344,7 @@ class Placement:
             raise PlacementInvariantError("; ".join(problems))
 
     # ------------------------------------------------------------ changing
-    def join(self, meter_id: MeterId, xy: object) -> list[Event]:
+    def join(self, meter_id: MeterKey, xy: object) -> list[Event]:
         """Home a new meter at ``xy`` (metres); return what changed.
 
         1. The nearest terminal with spare capacity among those at most
@@ -401,7 +404,7 @@ class Placement:
         touched = {t0} | {b for _, _, b in found}
         return events + self._resite_all(sorted(touched))
 
-    def leave(self, meter_id: MeterId) -> list[Event]:
+    def leave(self, meter_id: MeterKey) -> list[Event]:
         """Remove a meter: ``[Removed]``, then ``SiteMoved`` if its cluster's medoid moved.
 
         No rebalancing (see the module's decisions); an emptied terminal keeps
@@ -420,7 +423,7 @@ class Placement:
         if meter_id not in self:
             raise PlacementError(f"meter {meter_id!r} is not homed here")
 
-    def _add(self, meter_id: MeterId, xy: XY, t: int) -> None:
+    def _add(self, meter_id: MeterKey, xy: XY, t: int) -> None:
         self._xy[meter_id] = (float(xy[0]), float(xy[1]))
         self._home[meter_id] = t
         self._seq[meter_id] = self._next_seq
@@ -428,7 +431,7 @@ class Placement:
         self._members[t].append(meter_id)
         self._load[t] += 1
 
-    def _move(self, meter_id: MeterId, to: int) -> None:
+    def _move(self, meter_id: MeterKey, to: int) -> None:
         a = self._home[meter_id]
         self._members[a].remove(meter_id)
         self._load[a] -= 1
@@ -448,7 +451,7 @@ class Placement:
         return pool[np.lexsort((pool, d[pool]))][:want]
 
     def _cheapest_chain(self, d: np.ndarray, d0: float, reach: np.ndarray,
-                        nbhd: np.ndarray) -> list[tuple[MeterId, int, int]] | ReplanReason:
+                        nbhd: np.ndarray) -> list[tuple[MeterKey, int, int]] | ReplanReason:
         """The cheapest chain for ``join`` step 2, or why there is none.
 
         Returns the moves ``[(meter, t0, t1), (meter, t1, t2), ...]`` in chain
@@ -463,7 +466,7 @@ class Placement:
         # cost[i, j]: least distance added by moving a member of nbhd[i] to
         # nbhd[j]'s site; who[i][j] that member. Only full terminals pass meters on.
         cost = np.full((size, size), np.inf)
-        who: list[list[MeterId]] = [[] for _ in range(size)]
+        who: list[list[MeterKey]] = [[] for _ in range(size)]
         for i in np.flatnonzero(full).tolist():
             members = self.members(int(nbhd[i]))
             dm = distances(self._coords(members), site)
@@ -505,10 +508,10 @@ class Placement:
         return [(who[i][j], int(nbhd[i]), int(nbhd[j]))
                 for i, j in itertools.pairwise(hops)]
 
-    def _coords(self, members: tuple[MeterId, ...] | list[MeterId]) -> np.ndarray:
+    def _coords(self, members: tuple[MeterKey, ...] | list[MeterKey]) -> np.ndarray:
         return np.array([self._xy[m] for m in members], dtype=np.float64).reshape(-1, 2)
 
-    def _distance_sums(self, members: tuple[MeterId, ...] | list[MeterId]) -> np.ndarray:
+    def _distance_sums(self, members: tuple[MeterKey, ...] | list[MeterKey]) -> np.ndarray:
         """Each member's sum of distances to the others (eq. 3's objective). O(c^2)."""
         pts = self._coords(members)
         return distances(pts, pts).sum(axis=1)
@@ -558,7 +561,7 @@ def _points(points: object, name: str) -> np.ndarray:
         raise PlacementError(str(exc)) from exc
 
 
-def _xy(meter_id: MeterId, xy: object) -> XY:
+def _xy(meter_id: MeterKey, xy: object) -> XY:
     try:
         p = np.asarray(xy, dtype=np.float64)
     except (TypeError, ValueError) as exc:
