@@ -886,3 +886,17 @@ def test_state_lists_terminals_in_the_order_added_and_can_be_replaced() -> None:
     other = LedgerState()
     other.replace_with(state)
     assert other.tip == state.tip and other.active_terminals() == state.active_terminals()
+
+
+def test_an_endorser_refuses_a_stamp_far_ahead_of_its_clock() -> None:
+    """Injected: a proposal stamped 2^64-1 ms. The commit rules bound a stamp only by its
+    parent's, so once committed no block could follow it; the endorser's clock stops it."""
+    state = fresh()
+    block = make_block(state, [])
+    late = propose_block(state, T[0], [], timestamp_ms=2**64 - 1)
+    now = block.header.timestamp_ms
+    assert check_proposal(state, block, now_ms=now).block_ok
+    assert check_proposal(state, late, now_ms=now).block_reason is Reason.TIMESTAMP_IN_FUTURE
+    within = propose_block(state, T[0], [], timestamp_ms=now + rules.MAX_CLOCK_SKEW_MS)
+    assert check_proposal(state, within, now_ms=now).block_ok
+    assert check_proposal(state, late).block_ok  # without a clock (at commit) it cannot tell

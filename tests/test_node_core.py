@@ -204,7 +204,7 @@ def forged_rotate_block(fleet: Fleet):  # type: ignore[no-untyped-def]
     tx = make_tx(evil, TxKind.ROTATE, meter_id=meter(2), key_version=entry.key_version + 1,
                  fingerprint=fingerprint(new_key()), home="ecd-01",
                  proof=rotation_proof_digest(b"x" * 40), counter=entry.counter + 1)
-    return propose_block(state, evil, [tx], timestamp_ms=T0 + 10**6), evil
+    return propose_block(state, evil, [tx], timestamp_ms=T0 + 5_000), evil
 
 
 def test_an_endorser_never_signs_a_block_holding_a_forged_transaction(fleet):
@@ -236,7 +236,7 @@ def test_a_replayed_transaction_gets_no_endorsement_and_no_block(fleet):
     ack(fleet.send(fleet.meters[meter(3)].register()))
     chain = fleet.ecd.chain
     old = chain.newest_record(meter(3)).tx
-    again = propose_block(chain.state, FLEET.identity("ecd-00"), [old], timestamp_ms=T0 + 10**7)
+    again = propose_block(chain.state, FLEET.identity("ecd-00"), [old], timestamp_ms=T0 + 6_000)
     refused = fleet.terminal("ecd-01").feed(ev.EndorseRequest("ecd-00", again))
     assert [(type(a), a.reason) for a in refused] == [(RefuseEndorsement, Reason.INVALID_TX)]
     assert chain.record_proof(meter(3)).header.height == 1  # its one proof is its own block
@@ -251,7 +251,7 @@ def test_an_endorser_signs_a_valid_proposal_once_per_meter_version(fleet):
     def rotation(n: int):  # type: ignore[no-untyped-def]
         tx = builder.rotate(meter(4), key_version=2, fingerprint=fingerprint(bytes([n]) * 32),
                             proof=rotation_proof_digest(bytes([n]) * 40), counter=5)
-        return propose_block(state, home, [tx], timestamp_ms=T0 + 10**6 + n)
+        return propose_block(state, home, [tx], timestamp_ms=T0 + 5_000 + n)
 
     endorser = fleet.terminal("ecd-03")
     first = endorser.feed(ev.EndorseRequest("ecd-01", rotation(1)))
@@ -277,7 +277,7 @@ def test_no_terminal_takes_another_terminals_meter(fleet):
     grab = TxBuilder(FLEET.identity("ecd-02")).migrate(
         meter(5), new_home="ecd-02", key_version=1, fingerprint=entry.fingerprint,
         counter=entry.counter + 1)
-    block = propose_block(state, FLEET.identity("ecd-02"), [grab], timestamp_ms=T0 + 10**6)
+    block = propose_block(state, FLEET.identity("ecd-02"), [grab], timestamp_ms=T0 + 5_000)
     refusal = fleet.terminal("ecd-00").feed(ev.EndorseRequest("ecd-02", block))
     assert refusal[0].reason is Reason.INVALID_TX
     assert fleet.ecd.chain.entry(meter(5)).home == "ecd-01"
@@ -473,7 +473,7 @@ def test_the_boards_ledger_section_sets_the_seal_and_the_batch():
     assert all(b.header.difficulty == 8 and leading_zero_bits(header_hash(b.header)) >= 8
                for b in blocks)
     unsealed = propose_block(fleet.ecd.chain.state, sealed.identity("ecd-00"), [],
-                             timestamp_ms=T0 + 10**8)
+                             timestamp_ms=T0 + 7_000)
     with pytest.raises(BlockRejected) as info:
         fleet.ecd.chain.append(with_endorsements(unsealed, [
             endorse(sealed.identities[i], unsealed.header) for i in range(3)]))

@@ -89,6 +89,13 @@ from agent.ledger.state import (
 )
 from agent.ledger.tx import Transaction, TxKind, encode_tx
 
+# How far ahead of its own clock an endorser accepts a proposal's stamp. The
+# rules at commit bound a stamp only by its parent's (they must be the same
+# at every replay, so no clock), which lets a block stamped far ahead hold the
+# chain back until then, or for ever at 2^64-1 ms. The endorsers, who do have
+# a clock, refuse it: 10 minutes covers an unsynchronised terminal's drift.
+MAX_CLOCK_SKEW_MS = 10 * 60 * 1000
+
 PlacementOracle = Callable[[bytes], str | None]
 ProofAttestor = Callable[[Transaction], bool]
 
@@ -112,6 +119,7 @@ class Reason(enum.IntEnum):
     BAD_GENESIS = 13  # a genesis holding other than TERMINAL_ADD transactions, or none
     INVALID_TX = 14  # a transaction of the block is invalid (tx_codes says which and why)
     FOREIGN_GENESIS = 15  # a valid genesis, but not the one this terminal was provisioned with
+    TIMESTAMP_IN_FUTURE = 16  # stamped beyond the endorser's clock + MAX_CLOCK_SKEW_MS
     # block or transaction level (the block's proposer / a transaction's proposer)
     UNKNOWN_PROPOSER = 20
     RETIRED_PROPOSER = 21
@@ -388,13 +396,18 @@ def validate_block(state: LedgerState, block: Block, *,
 def check_proposal(state: LedgerState, block: Block, *,
                    placement_home: PlacementOracle | None = None, require_pow: int = 0,
                    genesis_hash: bytes | None = None,
-                   attest_proof: ProofAttestor | None = None) -> Verdict:
+                   attest_proof: ProofAttestor | None = None,
+                   now_ms: int | None = None) -> Verdict:
     """What an endorser checks before it signs: every rule but the quorum.
 
     ``attest_proof(tx)``: False when this terminal holds the rotation proof
     behind a non-zero ``tx.proof`` and it does not hold (the home's check).
-    Endorsements already on the block are checked, not counted.
+    ``now_ms``: the endorser's wall clock; a stamp beyond it by more than
+    MAX_CLOCK_SKEW_MS is refused (TIMESTAMP_IN_FUTURE). Endorsements already
+    on the block are checked, not counted.
     """
+    if now_ms is not None and block.header.timestamp_ms > now_ms + MAX_CLOCK_SKEW_MS:
+        return _reject(Reason.TIMESTAMP_IN_FUTURE)
     return _verdict(state, block, placement_home, require_pow, genesis_hash, attest_proof,
                     quorum=False)
 

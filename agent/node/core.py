@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent.keystore.material import (
+    KEY_BYTES,
     BadProofError,
     ProofFault,
     fingerprint,
@@ -317,6 +318,9 @@ class Node:
         if entry.key_version not in held:
             return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.KEY_PENDING,
                                 f"version {entry.key_version} not received yet")
+        if entry.key_version >= U32_MAX:
+            return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.STALE_VERSION,
+                                "the meter's key versions are exhausted: revoke and register")
         prepared = self._prepare(op, out, lambda: self.keys.prepare_rotation(e.meter_id, e.proof))
         if prepared is None:
             return
@@ -363,7 +367,7 @@ class Node:
                                    entry.height))
             return
         entry = self._home_entry(op.op, e.meter_id, e.request_id, out)
-        if entry is None:
+        if entry is None or self._counter_exhausted(op, entry, out):
             return
         tx = self.builder.revoke(e.meter_id, key_version=entry.key_version,
                                  counter=entry.counter + 1, proof=ZERO_HASH)
@@ -381,6 +385,8 @@ class Node:
             return
         entry = self._home_entry(op.op, e.meter_id, e.request_id, out)
         if entry is None:
+            return
+        if self._counter_exhausted(op, entry, out):
             return
         if e.new_home == self.self_id or not self.ledger.is_active(e.new_home):
             return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.BAD_REQUEST,
@@ -430,6 +436,14 @@ class Node:
                                    entry.key_version, entry.fingerprint, entry.height))
 
     # ------------------------------------------------------------ helpers
+
+    def _counter_exhausted(self, op: Operation, entry: MeterEntry, out: list[Action]) -> bool:
+        """An operation that takes the chain's counter + 1 has none left at 2^64-1."""
+        if entry.counter < U64_MAX:
+            return False
+        self._refuse(out, op.op, op.meter_id, op.request_id, Nak.REPLAYED,
+                     "the meter's counter is exhausted", counter=entry.counter)
+        return True
 
     def _held_versions(self, meter_id: bytes) -> tuple[int, ...]:
         return self.keys.versions(meter_id) if self.keys.status(meter_id) is \
@@ -506,6 +520,12 @@ class Node:
     def _start_round(self, at: ev.Time, out: list[Action]) -> None:
         if self._round is not None or not self._queue or self.ledger.tip is None:
             return
+        if self.ledger.tip.timestamp_ms >= U64_MAX:  # no later stamp exists: the chain is closed
+            for op in list(self._queue):
+                self._fail(op, out, Nak.LEDGER_REFUSED, "the chain's tip is stamped at the "
+                           "last millisecond; no block can follow it",
+                           Reason.TIMESTAMP_NOT_MONOTONIC)
+            return
         if not self.ledger.is_active(self.self_id):
             for op in list(self._queue):
                 self._fail(op, out, Nak.LEDGER_REFUSED, "this terminal is not an active member",
@@ -548,6 +568,7 @@ class Node:
         for op in rnd.ops:
             op.advance(OpState.ENDORSED)
             op.advance(OpState.ORDERED)
+            op.submitted = True
         rnd.submitted = True
         rnd.deadline = at.mono + self.config.order_timeout_s
         out.append(SubmitBlock(with_endorsements(rnd.block, rnd.endorsements.values())))  # type: ignore[arg-type]
@@ -588,7 +609,7 @@ class Node:
         for op in rnd.ops:
             op.rounds += 1
             if op.rounds >= self.config.max_rounds or at.mono >= op.deadline:
-                if rnd.submitted:
+                if op.submitted:  # a block of an earlier round may still commit
                     self._keep_late(op)
                 self._fail(op, out, Nak.TIMEOUT, f"after {op.rounds} rounds: {why}")
                 continue
@@ -615,7 +636,8 @@ class Node:
             return
         verdict = check_proposal(self.ledger, block, placement_home=self.config.placement_home,
                                  require_pow=self.config.pow_difficulty,
-                                 genesis_hash=self.config.genesis_hash, attest_proof=self._attest)
+                                 genesis_hash=self.config.genesis_hash, attest_proof=self._attest,
+                                 now_ms=at.wall_ms)
         reason = verdict.block_reason if not verdict.block_ok else self._conflict(block, h.height)
         if reason is not None:
             self._count("endorse.refused")
@@ -693,16 +715,23 @@ class Node:
             out.append(EraseKey(op.meter_id))
 
     def _others_change(self, tx: Transaction, entry: MeterEntry, out: list[Action]) -> None:
-        """A committed change this terminal did not propose, that touches a key held here."""
+        """A committed change with no operation of ours behind it: square the key store with it.
+
+        The operation may be another terminal's, or ours forgotten (a reboot, a
+        timeout): either way the chain says what this terminal must hold.
+        """
         mid = tx.meter_id
-        if tx.kind is TxKind.MIGRATE and entry.home == self.self_id:
-            self.pending_keys.add(mid)  # the key comes from the old home (KeyReceived)
-        elif self.keys.status(mid) is StoreStatus.LIVE and entry.home != self.self_id:
-            self._handovers[mid] = (entry.home, entry.key_version)
-            out.append(SendKey(entry.home, mid, entry.key_version))
-        elif entry.home == self.self_id and entry.status is MeterStatus.LIVE \
-                and entry.key_version not in self._held_versions(mid):
-            self.pending_keys.add(mid)
+        held = self.keys.status(mid) is StoreStatus.LIVE
+        if entry.status is MeterStatus.REVOKED:
+            self._handovers.pop(mid, None)  # a revoked key is handed to nobody
+            if held:
+                out.append(EraseKey(mid))
+        elif entry.home != self.self_id:
+            if held:
+                self._handovers[mid] = (entry.home, entry.key_version)
+                out.append(SendKey(entry.home, mid, entry.key_version))
+        elif entry.key_version not in self._held_versions(mid):
+            self.pending_keys.add(mid)  # from the old home (KeyReceived) or the meter's retry
 
     def _on_block_refused(self, e: ev.BlockRefused, at: ev.Time, out: list[Action]) -> None:
         rnd = self._round
@@ -715,7 +744,8 @@ class Node:
     def _on_key_received(self, e: ev.KeyReceived, at: ev.Time, out: list[Action]) -> None:
         entry = self.ledger.meter(e.meter_id)
         if (entry is None or entry.status is not MeterStatus.LIVE or entry.home != self.self_id
-                or entry.key_version != e.key_version or fingerprint(e.key) != entry.fingerprint):
+                or entry.key_version != e.key_version or not isinstance(e.key, bytes)
+                or len(e.key) != KEY_BYTES or fingerprint(e.key) != entry.fingerprint):
             self._count("handover.refused")
             out.append(Log("handover.refused", (("peer", e.peer), ("meter", e.meter_id.hex()))))
             return

@@ -25,6 +25,7 @@ class Operation:
     key_version: int = 0
     height: int | None = None  # where it committed
     rounds: int = 0  # endorsement rounds that failed so far
+    submitted: bool = False  # a block holding it went to the ordering (it may still commit)
 
     def advance(self, new: OpState) -> None:
         check_transition(self.state, new)
