@@ -494,12 +494,9 @@ class KeyStore:
 
     # -------------------------------------------------------------- writes
 
-    def prepare_key(self, meter_id: bytes, version: int, key: bytes) -> PreparedKey:
-        """Check that ``key`` may become ``version`` of the meter; writes nothing.
-
-        VersionError unless ``version`` is the next one (any version for a
-        meter not held); BadProofError(KEY_REUSED) for a key it held before.
-        """
+    def _checked_next(self, meter_id: bytes, version: int, key: bytes
+                      ) -> tuple[MeterId, bytes, _Meter | None]:
+        """Validate the id, version and key; VersionError unless ``version`` comes next."""
         mid = MeterId(meter_id)
         _check_version(version)
         key = check_key(key)
@@ -509,8 +506,17 @@ class KeyStore:
             if version != newest + 1:
                 raise VersionError(f"meter {mid.hex()} holds versions up to {newest}; "
                                    f"the next is {newest + 1}, not {version}")
-            if any(self.get(mid, v) == key for v in m.versions):
-                raise BadProofError(ProofFault.KEY_REUSED, f"meter {mid.hex()}")
+        return mid, key, m
+
+    def prepare_key(self, meter_id: bytes, version: int, key: bytes) -> PreparedKey:
+        """Check that ``key`` may become ``version`` of the meter; writes nothing.
+
+        VersionError unless ``version`` is the next one (any version for a
+        meter not held); BadProofError(KEY_REUSED) for a key it held before.
+        """
+        mid, key, m = self._checked_next(meter_id, version, key)
+        if m is not None and not m.tomb_seq and any(self.get(mid, v) == key for v in m.versions):
+            raise BadProofError(ProofFault.KEY_REUSED, f"meter {mid.hex()}")
         return PreparedKey(mid, version, key)
 
     def prepare_rotation(self, meter_id: bytes, proof: bytes) -> PreparedKey:
@@ -543,15 +549,7 @@ class KeyStore:
 
         The node stores keys through ``commit_key``; this is the raw write.
         """
-        mid = MeterId(meter_id)
-        _check_version(version)
-        key = check_key(key)
-        m = self._index.get(mid)
-        if m is not None and not m.tomb_seq:
-            newest = max(m.versions)
-            if version != newest + 1:
-                raise VersionError(f"meter {mid.hex()} holds versions up to {newest}; "
-                                   f"the next is {newest + 1}, not {version}")
+        mid, key, m = self._checked_next(meter_id, version, key)
         rec = self._seal(Kind.KEY, mid, version, key)
         self._make_room()
         seq = self._log.append(encode_record(rec))
