@@ -478,3 +478,32 @@ def test_the_boards_ledger_section_sets_the_seal_and_the_batch():
         fleet.ecd.chain.append(with_endorsements(unsealed, [
             endorse(sealed.identities[i], unsealed.header) for i in range(3)]))
     assert info.value.reason is Reason.BAD_POW
+
+
+def test_a_lost_hand_over_is_sent_again_until_the_new_home_acknowledges(fleet):
+    """Injected: the new home is cut off while the migration's key hand-over goes out.
+
+    Before, a lost hand-over waited for the old home's next reboot; the new
+    home had no key for its meter. Survives: the key, sent again on a tick
+    once the link is back, stored by the new home; the copy here then erased.
+    """
+    m = fleet.meters[meter(8)]
+    ack(fleet.send(m.register()))
+    key = m.key
+    fleet.net.offline.add("ecd-01")
+    fleet.net.post("ecd-00", ev.MigrateRequest(meter(8), 880, "ecd-01"))
+    fleet.net.run()
+    fleet.net.offline.discard("ecd-01")
+    fleet.clock.advance(1.0)
+    assert fleet.net.send("ecd-00", ev.Tick()) == []  # not due yet
+    assert fleet.ecd.keys.status(meter(8)) is StoreStatus.LIVE
+    # ecd-01 missed the block while cut off: give it the ordered blocks it lacks
+    new_home = fleet.terminal("ecd-01")
+    for block in fleet.net.ordering.blocks[new_home.chain.height + 1:]:
+        new_home.deliver(block)
+    assert new_home.keys.status(meter(8)) is not StoreStatus.LIVE
+    fleet.clock.advance(fleet.ecd.config.handover_resend_s)
+    fleet.net.send("ecd-00", ev.Tick())
+    assert held_key(new_home, meter(8)) == key
+    assert fleet.ecd.keys.status(meter(8)) is StoreStatus.DESTROYED
+    assert fleet.ecd.node.counters["handover.resent"] == 1

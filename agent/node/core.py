@@ -122,13 +122,14 @@ class NodeConfig:
     round_timeout_s: float = 2.0  # endorsements of one round
     order_timeout_s: float = 5.0  # an endorsed block back from the ordering
     op_timeout_s: float = 30.0  # any operation, from request to answer
+    handover_resend_s: float = 5.0  # a handed-over key not yet acknowledged goes again
     max_rounds: int = 3
     max_inflight: int = DEFAULT_MAX_INFLIGHT
 
     def __post_init__(self) -> None:
         if not 1 <= self.txs_per_block <= 1024:
             raise LocalProtocolError("txs_per_block must be 1..1024")
-        for name in ("round_timeout_s", "order_timeout_s", "op_timeout_s"):
+        for name in ("round_timeout_s", "order_timeout_s", "op_timeout_s", "handover_resend_s"):
             if not getattr(self, name) > 0:
                 raise LocalProtocolError(f"{name} must be positive")
         if self.max_rounds < 1 or self.max_inflight < 1:
@@ -165,6 +166,7 @@ class Node:
         self._late: OrderedDict[bytes, Operation] = OrderedDict()
         self._signed: OrderedDict[tuple[bytes, int], tuple[bytes, int]] = OrderedDict()
         self._handovers: dict[bytes, tuple[str, int]] = {}  # meter -> (new home, version)
+        self._handover_due: dict[bytes, float] = {}  # meter -> when to send its key again
         self._receiving: dict[bytes, str] = {}  # meter -> old home whose key we stored
         self._reading_counters: OrderedDict[bytes, int] = OrderedDict()
         self.pending_keys: set[bytes] = set()  # chain names a key this store lacks
@@ -724,6 +726,7 @@ class Node:
         held = self.keys.status(mid) is StoreStatus.LIVE
         if entry.status is MeterStatus.REVOKED:
             self._handovers.pop(mid, None)  # a revoked key is handed to nobody
+            self._handover_due.pop(mid, None)
             if held:
                 out.append(EraseKey(mid))
         elif entry.home != self.self_id:
@@ -760,12 +763,15 @@ class Node:
             self._count("handover.stray_ack")
             return
         del self._handovers[e.meter_id]
+        self._handover_due.pop(e.meter_id, None)
         out.append(EraseKey(e.meter_id))
 
     # ================================================== key-store results
 
     def _on_key_stored(self, e: ev.KeyStored, at: ev.Time, out: list[Action]) -> None:
-        self.pending_keys.discard(e.meter_id)
+        entry = self.ledger.meter(e.meter_id)
+        if entry is not None and entry.key_version == e.key_version:
+            self.pending_keys.discard(e.meter_id)  # the chain's key, not an older one
         peer = self._receiving.pop(e.meter_id, None)
         if peer is not None:
             out.append(AcknowledgeKey(peer, e.meter_id, e.key_version))
@@ -792,6 +798,12 @@ class Node:
         pass  # _expire and _start_round run after every event
 
     def _expire(self, at: ev.Time, out: list[Action]) -> None:
+        for mid, (home, version) in self._handovers.items():  # lost hand-overs go again
+            due = self._handover_due.setdefault(mid, at.mono + self.config.handover_resend_s)
+            if at.mono >= due:
+                self._count("handover.resent")
+                self._handover_due[mid] = at.mono + self.config.handover_resend_s
+                out.append(SendKey(home, mid, version))
         rnd = self._round
         if rnd is not None and at.mono >= rnd.deadline:
             self._retry_round(rnd, at, out, "endorsements" if not rnd.submitted else "ordering")
