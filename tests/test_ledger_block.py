@@ -51,8 +51,10 @@ from agent.ledger.merkle import MerkleTree, leaf_hash, verify_inclusion
 from agent.ledger.rules import apply_block, propose_block, validate_block, validate_block_bytes
 from agent.ledger.state import LedgerState
 from agent.ledger.tx import MAX_TX_BYTES, Transaction, TxBuilder, TxKind, encode_tx, tx_id
+from emulator.flash import RamBlockDevice
 from hal.errors import LocalProtocolError
 from hal.ids import MeterId, TerminalId
+from hal.recordlog import RecordLog
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 
@@ -286,7 +288,8 @@ def test_block_with_a_missing_tx_is_refused() -> None:
 
 def test_every_record_fits_one_flash_erase_block() -> None:
     """The storage step writes the head and each transaction as one record each."""
-    assert MAX_HEAD_BYTES <= FLASH_RECORD_MAX == 128 * 1024 - 68
+    largest = RecordLog(RamBlockDevice(128 * 1024, 3)).max_payload  # a 128 KiB erase block
+    assert MAX_HEAD_BYTES <= FLASH_RECORD_MAX == largest
     assert MAX_TX_BYTES <= FLASH_RECORD_MAX
     worst = Block(sample_header(proposer="p" * 32, tx_count=0), (),
                   tuple(Endorsement(f"{i:032d}", b"s" * 64) for i in range(MAX_ENDORSEMENTS)))

@@ -49,6 +49,7 @@ from agent.ledger.identity import DOMAIN_ENDORSE, TerminalIdentity, verify_signa
 from agent.ledger.merkle import merkle_root
 from agent.ledger.tx import MAX_TX_BYTES, Transaction, TxBuilder, encode_tx, read_tx, tx_id
 from hal.ids import TERMINAL_ID_MAX, check_terminal_id
+from hal.recordlog import DATA_START, REC_OVERHEAD
 
 BLOCK_VERSION = FORMAT_VERSION
 
@@ -64,9 +65,9 @@ MAX_TXS_PER_BLOCK = 1024
 # at most 97 bytes keep the head record within one erase block (below).
 MAX_ENDORSEMENTS = 1024
 
-# The record log's largest record: a 128 KiB erase block less its 48-byte
-# segment headers and 20-byte record header (hal/recordlog.py max_payload).
-FLASH_RECORD_MAX = 128 * 1024 - 68
+# The record log's largest record: a 128 KiB erase block less its segment
+# headers and one record's header and end marker (hal/recordlog.py max_payload).
+FLASH_RECORD_MAX = 128 * 1024 - DATA_START - REC_OVERHEAD
 
 MAX_HEADER_BYTES = 1 + 8 + HASH_LEN + 8 + HASH_LEN + 2 + (1 + TERMINAL_ID_MAX) + 1 + 8  # 125
 MAX_ENDORSEMENT_BYTES = 1 + TERMINAL_ID_MAX + SIGNATURE_LEN  # 97
