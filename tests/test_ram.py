@@ -9,6 +9,7 @@ OOM kill.
 from __future__ import annotations
 
 import json
+import mmap
 import resource
 import subprocess
 import sys
@@ -58,10 +59,15 @@ def test_usage_reports_peak_at_or_above_current_and_both_positive() -> None:
 def test_touching_50_mb_raises_rss_by_about_that_and_peak_remembers_it() -> None:
     budget = RamBudget(1 << 40)
     before = budget.usage()
-    buf = b"\x5a" * (50 * MIB)  # written, so every page is resident
+    # A fresh anonymous mapping, written, so every page is newly resident. (A bytes
+    # object could come from heap memory earlier tests left resident, and grow nothing.)
+    buf = mmap.mmap(-1, 50 * MIB)
+    chunk = b"\x5a" * MIB
+    for offset in range(0, 50 * MIB, MIB):
+        buf[offset:offset + MIB] = chunk
     during = budget.usage()
     assert buf[-1] == 0x5A
-    del buf  # larger than malloc's mmap threshold: unmapped at once
+    buf.close()  # unmapped at once
     after = budget.usage()
     grew = during.rss_bytes - before.rss_bytes
     assert 45 * MIB <= grew <= 70 * MIB, f"RSS grew {grew / MIB:.1f} MiB for 50 MiB touched"
