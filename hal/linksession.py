@@ -60,6 +60,7 @@ from hal.dlt698 import (
     is_response_to,
 )
 from hal.dlt698 import Rejected as DecoderRejected
+from hal.require import require_real
 
 # ---------------------------------------------------------------- limits
 DEFAULT_TIMEOUT_S = 1.0  # hal.board.Link's default timeout_ms
@@ -234,9 +235,7 @@ class _Counts:
 
 
 def _positive_time(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not math.isfinite(value) or value <= 0:
-        raise LocalProtocolError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    require_real(name, value, above=0, error=LocalProtocolError)  # seconds, finite
 
 
 class LinkSession:
