@@ -68,13 +68,13 @@ from agent.node.actions import (
     Nak,
     Op,
     Refuse,
-    RefuseEndorsement,
     RequestEndorsements,
     SendEndorsement,
     SendKey,
     StoreKey,
     SubmitBlock,
 )
+from agent.node.endorser import SignedGuard, answer_proposal
 from agent.node.errors import LocalProtocolError
 from agent.node.operation import Operation
 from agent.node.opstate import OpState
@@ -85,9 +85,6 @@ from hal.ids import check_meter_id
 # paper's 25 per cluster, up to about 1000 on a PL terminal), so a burst of
 # every meter re-keying at once still fits.
 DEFAULT_MAX_INFLIGHT = 4096
-# Endorsement signatures this terminal remembers giving, per (meter, version),
-# to refuse a conflicting second one before the first's height commits.
-MAX_SIGNED_GUARD = 16384
 # Keys of operations whose round timed out after submission: the block may
 # still commit later, and its key-store effect must still happen.
 MAX_LATE = 1024
@@ -164,7 +161,7 @@ class Node:
         self._queue: list[Operation] = []  # checked, waiting for a round
         self._round: _Round | None = None
         self._late: OrderedDict[bytes, Operation] = OrderedDict()
-        self._signed: OrderedDict[tuple[bytes, int], tuple[bytes, int]] = OrderedDict()
+        self._guard = SignedGuard()
         self._handovers: dict[bytes, tuple[str, int]] = {}  # meter -> (new home, version)
         self._handover_due: dict[bytes, float] = {}  # meter -> when to send its key again
         self._receiving: dict[bytes, str] = {}  # meter -> old home whose key we stored
@@ -629,48 +626,20 @@ class Node:
     # ============================================================ endorsing
 
     def _on_endorse_request(self, e: ev.EndorseRequest, at: ev.Time, out: list[Action]) -> None:
-        block = e.block
-        h = block.header
-        block_hash = header_hash(h)
-        if h.proposer != e.peer:
-            self._count("endorse.refused")
-            out.append(RefuseEndorsement(e.peer, h.height, block_hash, Reason.UNKNOWN_PROPOSER))
-            return
-        verdict = check_proposal(self.ledger, block, placement_home=self.config.placement_home,
+        answer = answer_proposal(self.ledger, self.identity, self._guard, e.peer, e.block,
+                                 now_ms=at.wall_ms, placement_home=self.config.placement_home,
                                  require_pow=self.config.pow_difficulty,
-                                 genesis_hash=self.config.genesis_hash, attest_proof=self._attest,
-                                 now_ms=at.wall_ms)
-        reason = verdict.block_reason if not verdict.block_ok else self._conflict(block, h.height)
-        if reason is not None:
-            self._count("endorse.refused")
-            out.append(RefuseEndorsement(e.peer, h.height, block_hash, reason))
-            return
-        for tx in block.txs:
-            if tx.kind.is_meter:
-                self._signed[(tx.meter_id, tx.key_version)] = (tx_id(tx), h.height)
-                self._signed.move_to_end((tx.meter_id, tx.key_version))
-        while len(self._signed) > MAX_SIGNED_GUARD:
-            self._signed.popitem(last=False)
-        self._count("endorse.signed")
-        out.append(SendEndorsement(e.peer, h.height, block_hash, endorse(self.identity, h)))
-
-    def _conflict(self, block: Block, height: int) -> Reason | None:
-        """Never sign two different operations on one meter and version (issue: equivocation)."""
-        for tx in block.txs:
-            if not tx.kind.is_meter:
-                continue
-            seen = self._signed.get((tx.meter_id, tx.key_version))
-            if seen is not None and seen[0] != tx_id(tx) and seen[1] >= height:
-                return Reason.DUPLICATE_TX
-        return None
+                                 genesis_hash=self.config.genesis_hash, attest_proof=self._attest)
+        signed = isinstance(answer, SendEndorsement)
+        self._count("endorse.signed" if signed else "endorse.refused")
+        out.append(answer)
 
     # ============================================================ committing
 
     def _on_block(self, e: ev.BlockCommitted, at: ev.Time, out: list[Action]) -> None:
         block, changes = e.block, e.changes
         height = changes.height
-        for key in [k for k, (_, h) in self._signed.items() if h <= height]:
-            del self._signed[key]
+        self._guard.committed(height)
         ids = [tx_id(tx) for tx in block.txs]
         rnd = self._round
         if rnd is not None and rnd.block.header.height <= height:
