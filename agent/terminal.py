@@ -57,13 +57,6 @@ class Terminal:
         self.refused_blocks = 0
         self.boot_actions = self._carry_out(self.node.boot(clock()))
 
-    @classmethod
-    def on_flash(cls, config: NodeConfig, device: BlockDevice, flash: Flash, **kw: object
-                 ) -> Terminal:
-        """The terminal on the board's ``ledger`` and ``keystore`` partitions of ``device``."""
-        return cls(config, ledger=open_partition(device, flash, "ledger"),
-                   keystore=open_partition(device, flash, "keystore"), **kw)  # type: ignore[arg-type]
-
     # ------------------------------------------------------------ driving
 
     def feed(self, event: ev.Event) -> list[Action]:
@@ -129,3 +122,8 @@ class Terminal:
             if result is not None:
                 todo[:0] = self.node.handle(result, self.clock())
         return outward
+
+
+def board_partitions(device: BlockDevice, flash: Flash) -> tuple[BlockDevice, BlockDevice]:
+    """The ``ledger`` and ``keystore`` partitions of a board's flash on ``device``."""
+    return open_partition(device, flash, "ledger"), open_partition(device, flash, "keystore")

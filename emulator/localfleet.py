@@ -6,7 +6,7 @@ chain and key store (``agent.terminal.Terminal``), joined by
 ``emulator.localnet.LocalNet``. ``reboot`` powers the first terminal off
 and on: everything it knows is read back from its flash. The first
 terminal's flash is two block devices, its ledger and keystore partitions
-(``board_partitions`` cuts them from a board's flash image).
+(``agent.terminal.board_partitions`` cuts them from a board's flash image).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from agent.terminal import Terminal
 from emulator.flash import RamBlockDevice
 from emulator.localnet import LocalNet
 from emulator.provision import Provisioning
-from hal.blockdev import BlockDevice, open_partition
-from hal.board import Flash
+from hal.blockdev import BlockDevice
 
 RAM_SEGMENT, RAM_SEGMENTS = 8192, 64  # the other terminals' flash, per partition: 512 KiB
 
@@ -41,11 +40,6 @@ class ManualClock:
 
     def __call__(self) -> ev.Time:
         return ev.Time(self.mono, self.wall0 + int(self.mono * 1000))
-
-
-def board_partitions(device: BlockDevice, flash: Flash) -> tuple[BlockDevice, BlockDevice]:
-    """The ``ledger`` and ``keystore`` partitions of a board's flash on ``device``."""
-    return open_partition(device, flash, "ledger"), open_partition(device, flash, "keystore")
 
 
 class LocalFleet:

@@ -105,10 +105,6 @@ class LocalNet:
         """Queue ``event`` for a terminal without running the network."""
         self._queue.append((terminal_id, event))
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     def run(self, limit: int = 1_000_000) -> None:
         """Deliver queued messages in order until none is left (``limit`` bounds a loop)."""
         if not self.run_some(limit):

@@ -31,7 +31,8 @@ from agent.ledger.state import MeterStatus
 from agent.ledger.tx import TxKind, rotation_proof_digest
 from agent.node import events as ev
 from agent.node.actions import Acknowledge, Nak, Refuse
-from emulator.localfleet import LocalFleet, board_partitions
+from agent.terminal import board_partitions
+from emulator.localfleet import LocalFleet
 from emulator.meter_keys import MeterKeys
 from emulator.provision import Provisioning, provision
 from hal.blockdev import FileBlockDevice, open_partition

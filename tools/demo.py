@@ -33,8 +33,9 @@ from agent.ledger.chain import scan_newest_record
 from agent.ledger.query import Answer, QueryResult
 from agent.node import events as ev
 from agent.node.actions import Acknowledge, Refuse
+from agent.terminal import board_partitions
 from emulator.flash import PowerCut, PowerCutDevice
-from emulator.localfleet import LocalFleet, board_partitions
+from emulator.localfleet import LocalFleet
 from emulator.meter_keys import MeterKeys
 from emulator.provision import provision
 from hal.blockdev import FileBlockDevice, open_partition

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from agent.keystore.store import PreparedKey
 from agent.ledger.tx import Transaction
 from agent.node.actions import Op
-from agent.node.opstate import FINAL, OpState, check_transition
+from agent.node.opstate import OpState, check_transition
 
 
 @dataclass(slots=True, eq=False)
@@ -30,7 +30,3 @@ class Operation:
     def advance(self, new: OpState) -> None:
         check_transition(self.state, new)
         self.state = new
-
-    @property
-    def done(self) -> bool:
-        return self.state in FINAL
