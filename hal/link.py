@@ -59,7 +59,7 @@ from hal.linksession import (
 __all__ = [
     "DEFAULT_BAUD", "DEFAULT_IDLE_GAP_S", "DEFAULT_RETRIES", "DEFAULT_TIMEOUT_S", "READ_CHUNK",
     "Link", "LinkClosedError", "LinkConfigError", "LinkCounters", "LinkError", "LinkIOError",
-    "LinkOpenError", "LinkTimeout", "TokenBucket", "default_pace_burst", "open_link",
+    "LinkOpenError", "LinkTimeout", "TokenBucket", "default_pace_burst", "open_link", "open_port",
 ]
 
 DEFAULT_BAUD = 115200  # the board files' UART rate
@@ -397,11 +397,7 @@ def open_link(url_or_config: str | board.Link, *, baud: int | None = None,
     # line rate (10 bits a byte): a stuck port raises instead of hanging, and
     # loop://, which refuses writes it estimates to outlast write_timeout, accepts every frame.
     write_timeout = timeout_s + 10 * max_frame_bytes / baud
-    try:
-        port = serial.serial_for_url(url, baudrate=baud, timeout=timeout_s,
-                                     write_timeout=write_timeout, exclusive=True)
-    except (OSError, ValueError, serial.SerialException) as exc:
-        raise LinkOpenError(url, str(exc) or type(exc).__name__) from exc
+    port = open_port(url, baud=baud, timeout=timeout_s, write_timeout=write_timeout)
     try:
         return Link(port, url=url, timeout_s=timeout_s, pace_bytes_per_s=pace_bytes_per_s,
                     max_frame_bytes=max_frame_bytes, idle_gap_s=idle_gap_s, clock=clock,
@@ -409,3 +405,16 @@ def open_link(url_or_config: str | board.Link, *, baud: int | None = None,
     except LinkError:
         port.close()
         raise
+
+
+def open_port(url: str, *, baud: int = DEFAULT_BAUD, timeout: float | None = 0,
+              write_timeout: float | None = None) -> Any:
+    """A raw pyserial port by URL (the console, a link the pump serves), opened exclusively.
+
+    LinkOpenError names the URL when pyserial cannot open it.
+    """
+    try:
+        return serial.serial_for_url(url, baudrate=baud, timeout=timeout,
+                                     write_timeout=write_timeout, exclusive=True)
+    except (OSError, ValueError, serial.SerialException) as exc:
+        raise LinkOpenError(url, str(exc) or type(exc).__name__) from exc

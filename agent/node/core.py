@@ -116,6 +116,10 @@ class NodeConfig:
     genesis_hash: bytes | None = None  # the fleet's block 0, from provisioning
     placement_home: PlacementOracle | None = None
     factory_key: FactoryKeys | None = None
+    # The highest reading counter already used, for a meter whose counter this
+    # node has not seen since boot (agent/journal.py's persisted ceiling): a
+    # reading at or below it is a replay. None: -1, nothing used.
+    reading_floor: Callable[[bytes], int] | None = None
     round_timeout_s: float = 2.0  # endorsements of one round
     order_timeout_s: float = 5.0  # an endorsed block back from the ordering
     op_timeout_s: float = 30.0  # any operation, from request to answer
@@ -403,7 +407,10 @@ class Node:
         entry = self._home_entry(op.op, e.meter_id, e.request_id, out)
         if entry is None:
             return
-        last = self._reading_counters.get(e.meter_id, -1)
+        last = self._reading_counters.get(e.meter_id)
+        if last is None:
+            floor = self.config.reading_floor
+            last = -1 if floor is None else floor(e.meter_id)
         if e.counter <= last:
             return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.REPLAYED_READING,
                                 counter=last)

@@ -1,0 +1,563 @@
+"""The agent a terminal runs: HAL -> node core -> HAL, top to bottom, one event loop.
+
+    board file (hal.board) -> RAM budget (hal.ram) -> flash image (hal.blockdev)
+      config partition: provisioning signed by the utility + sealed secrets (agent.provisioning)
+      ledger + keystore partitions: chain and key store, verified and reconciled (agent.terminal)
+      journal partition: log ring and reading-counter ceilings (agent.journal)
+    links by URL (hal.link.open_port) served by one selector loop (hal.pump):
+      hplc / rs485: frames -> agent.meterlink -> node events -> actions -> answer frames
+      console: bytes -> agent.console.shell -> commands (agent.console.commands) -> bytes
+    ordering: a fleet of one orders its own blocks (``SoloOrdering``); the network
+    ordering plugs into the same two calls (submit, delivered).
+
+One thread. Every queue is bounded (link sessions, shell outbox, meter
+requests, the node's operations). SIGTERM and SIGINT stop the loop between
+two events, flush the journal and close the flash image; SIGKILL is a power
+cut, which the record logs are built to survive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import provisioning as prov
+from agent.journal import Journal
+from agent.keystore.material import fingerprint
+from agent.keystore.store import KeyStoreError
+from agent.ledger.block import Block, header_hash
+from agent.ledger.chain import ChainCorruptError, LedgerError
+from agent.ledger.query import query
+from agent.logs import EventLog, ToEventLog
+from agent.meterlink import MeterLink
+from agent.node import events as ev
+from agent.node.actions import (
+    AcceptReading,
+    Acknowledge,
+    Action,
+    AnswerQuery,
+    Refuse,
+    RequestEndorsements,
+    SubmitBlock,
+)
+from agent.node.core import NodeConfig
+from agent.terminal import Terminal
+from hal.blockdev import FileBlockDevice, open_partition
+from hal.board import Board, BoardConfigError, board_path, load_board
+from hal.devicekey import DeviceKeyFileError, load_device_key
+from hal.link import LinkOpenError, open_port
+from hal.linksession import FrameReceived, LinkSession, Rejected, Reply, Timeout
+from hal.pump import LinkDown, Pump
+from hal.ram import RamBudget
+from hal.recordlog import LogError
+
+TICK_S = 0.25  # node timers and batching: well below the 2 s endorsement round
+FLUSH_S = 1.0  # journal lines reach flash at least this often
+RECONNECT_S = 1.0  # a meter link that went down is reopened this often
+METER_ROLES = ("hplc", "rs485")
+CONSOLE_READ = 512
+DEFAULT_TRUST = "/etc/edgekey/utility.pub"
+DEFAULT_DEVICE_KEY = "/etc/edgekey/device.key"
+DEFAULT_CLIENT_ADDRESS = 0x01
+REEXEC_STATUS = 75  # reboot: the loop ends and the process replaces itself
+
+
+class BootError(Exception):
+    """The agent will not start on this board, image or configuration; the message says why."""
+
+
+class SoloOrdering:
+    """Ordering for a membership of one: the only endorser's block is the next block.
+
+    More than half of one terminal is one, so an endorsed block needs no
+    one else's say; what it must still pass is the chain's own validation
+    (``Chain.append`` in ``Terminal.deliver``). The network ordering (etcd)
+    has the same two calls.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: deque[Block] = deque()
+
+    def submit(self, block: Block) -> None:
+        self._blocks.append(block)
+
+    def delivered(self) -> list[Block]:
+        out = list(self._blocks)
+        self._blocks.clear()
+        return out
+
+
+@dataclass
+class Options:
+    board: str
+    node: str
+    flash: Path
+    links: dict[str, str]
+    trust: Path
+    device_key: Path
+    format: bool
+    log_level: str
+    client_address: int
+
+
+def parse_links(values: list[str]) -> dict[str, str]:
+    links: dict[str, str] = {}
+    for item in values:
+        role, sep, url = item.partition("=")
+        if not sep or not role or not url:
+            raise BootError(f"--links wants ROLE=URL, got {item!r}")
+        links[role] = url
+    return links
+
+
+class Agent:
+    """One terminal's running agent (module docstring)."""
+
+    def __init__(self, opts: Options, argv: list[str]):
+        self.opts, self.argv = opts, argv
+        self.started = time.monotonic()
+        self.stopping = False
+        self.exit_status = 0
+        self.counts: Counter[str] = Counter()
+        self._via: dict[tuple[bytes, int], str] = {}  # meter request -> the link it came on
+        try:
+            self.board: Board = load_board(board_path(opts.board))
+        except BoardConfigError as exc:
+            raise BootError(str(exc)) from None
+        unknown = set(opts.links) - set(self.board.links)
+        if unknown:
+            raise BootError(f"--links names {', '.join(sorted(unknown))}: board "
+                            f"{self.board.name} has links {', '.join(sorted(self.board.links))}")
+        self.ram = RamBudget.from_board(self.board)
+        self.ram_limit = self.ram.enforce()
+        self._open_flash()
+        self.log = EventLog(opts.node, journal=self.journal, level=opts.log_level)
+        logging.getLogger("edgekey").addHandler(ToEventLog(self.log))
+        logging.getLogger("edgekey").setLevel(logging.INFO)
+        self._boot_node()
+        self.pump = Pump()
+        self.meter_links: dict[str, MeterLink] = {}
+        self.link_urls: dict[str, str] = {}
+        self.link_down_at: dict[str, float] = {}
+        self.ports: dict[str, Any] = {}
+        self.console: Any = None
+        self.shell: Any = None
+        self._console_out = bytearray()
+        self._open_links()
+        self.boot_s = time.monotonic() - self.started
+        self.log.event("agent.ready", boot_s=round(self.boot_s, 3), height=self.chain.height,
+                       meters=self.chain.state.meter_count, board=self.board.name,
+                       links=self.link_urls)
+
+    # ============================================================== boot
+
+    def _open_flash(self) -> None:
+        fl = self.board.flash
+        path = self.opts.flash
+        if not path.is_file():
+            raise BootError(f"flash image {path} does not exist (edgekey flash create makes one)")
+        size = path.stat().st_size
+        if size != fl.size_bytes:
+            raise BootError(f"flash image {path} is {size} bytes; board {self.board.name} has "
+                            f"{fl.size_bytes} bytes of flash: wrong board or not an image")
+        self.device = FileBlockDevice(path, fl.erase_block_bytes)
+        try:
+            self._open_partitions()
+        except BaseException:
+            self.device.close()
+            raise
+
+    def _open_partitions(self) -> None:
+        fl = self.board.flash
+        try:
+            device_key = load_device_key(self.opts.device_key)
+        except DeviceKeyFileError as exc:
+            raise BootError(str(exc)) from None
+        try:
+            trusted = self.opts.trust.read_bytes()
+        except OSError as exc:
+            raise BootError(f"utility key {self.opts.trust}: {exc.strerror}") from None
+        if len(trusted) != 32:
+            trusted = bytes.fromhex(trusted.decode(errors="replace").strip() or "00")
+        config = open_partition(self.device, fl, "config")
+        try:
+            raw, sealed = prov.load(config)
+            self.provisioning = prov.verify(raw, trusted)
+            self.secrets = prov.open_secrets(device_key, sealed)
+        except (prov.ProvisioningError, LogError, ValueError) as exc:
+            raise BootError(f"{self.opts.flash}: {exc}") from None
+        p = self.provisioning
+        if p.board != self.board.name:
+            raise BootError(f"{self.opts.flash} was provisioned for board {p.board!r}, "
+                            f"not {self.board.name!r}")
+        if self.secrets.identity.terminal_id != self.opts.node:
+            raise BootError(f"{self.opts.flash} holds terminal "
+                            f"{self.secrets.identity.terminal_id!r}, not --node {self.opts.node!r}")
+        me = p.terminal(self.opts.node)
+        if me.identity_public != self.secrets.identity.public_bytes():
+            raise BootError("the terminal's identity key does not match its provisioning entry")
+        try:
+            self.factory = prov.factory_keys(p, self.secrets)
+        except prov.ProvisioningError as exc:
+            raise BootError(str(exc)) from None
+        self.device_key = device_key
+        self.journal = Journal(open_partition(self.device, fl, "journal"))
+
+    def _boot_node(self) -> None:
+        p, ledger_cfg = self.provisioning, self.board.ledger
+        journal = self.journal
+        self.node_config = NodeConfig(
+            self.secrets.identity, txs_per_block=ledger_cfg.txs_per_block,
+            pow_difficulty=ledger_cfg.pow_difficulty, genesis_hash=_genesis_hash(p.genesis),
+            factory_key=self.factory.get,
+            reading_floor=lambda m: journal.ceiling(m) - 1)
+        fl = self.board.flash
+        try:
+            self.terminal = Terminal(
+                self.node_config, ledger=open_partition(self.device, fl, "ledger"),
+                keystore=open_partition(self.device, fl, "keystore"),
+                device_key=self.device_key, clock=_clock,
+                transport_key=self.secrets.transport, peers=p.allow_list())
+        except ChainCorruptError as exc:
+            raise BootError(f"{self.opts.flash}: ledger partition damaged: {exc}; the image is "
+                            "left as it is") from None
+        except (LedgerError, KeyStoreError, LogError) as exc:
+            raise BootError(f"{self.opts.flash}: {type(exc).__name__}: {exc}") from None
+        self.chain = self.terminal.chain
+        self.ordering = SoloOrdering()
+        blank = self.chain.height is None
+        if blank and not self.opts.format:
+            raise BootError(f"{self.opts.flash}: the ledger partition is blank; start once with "
+                            "--format to lay down the fleet's genesis")
+        if not blank and self.opts.format:
+            raise BootError(f"{self.opts.flash}: --format refused: the ledger holds "
+                            f"{self.chain.height + 1} blocks")
+        if len(p.terminals) > 1:
+            raise BootError(f"fleet {p.fleet!r} has {len(p.terminals)} terminals: this agent "
+                            "orders blocks for a fleet of one only")
+        self._run(self.terminal.boot_actions)
+        if blank:
+            self._run(self.terminal.deliver(p.genesis))
+            if self.chain.height != 0:
+                raise BootError("the fleet's genesis was refused by this terminal's rules")
+            self.log.event("agent.formatted", genesis=_genesis_hash(p.genesis))
+        self.log.event("agent.boot", height=self.chain.height,
+                       meters=self.chain.state.meter_count,
+                       keys=len(self.terminal.keys.live_meters()))
+
+    # ============================================================= links
+
+    def _open_links(self) -> None:
+        for role, cfg in self.board.links.items():
+            url = self.opts.links.get(role, cfg.url)
+            self.link_urls[role] = url
+            if role == "console":
+                self._open_console(url, cfg.baud)
+            elif role in METER_ROLES:
+                self.meter_links[role] = MeterLink(self.opts.client_address, self._key_for)
+                self._open_meter_link(role)
+
+    def _open_meter_link(self, role: str) -> None:
+        cfg = self.board.links[role]
+        url = self.link_urls[role]
+        try:
+            port = open_port(url, baud=cfg.baud)
+        except LinkOpenError as exc:
+            self.link_down_at[role] = time.monotonic()
+            self.log.event("link.open_failed", "warning", link=role, url=url, error=str(exc))
+            return
+        session = LinkSession(max_frame_bytes=cfg.max_frame_bytes)
+        self.pump.add_link(role, port, session, pace_bytes_per_s=cfg.pace_bytes_per_s)
+        self.ports[role] = port
+        self.link_down_at.pop(role, None)
+        self.log.event("link.up", link=role, url=url)
+
+    def _open_console(self, url: str, baud: int) -> None:
+        from agent.console.commands import build_commands
+        from agent.console.shell import Shell
+        try:
+            port = open_port(url, baud=baud)
+        except LinkOpenError as exc:
+            raise BootError(f"console link: {exc}") from None
+        try:
+            fd = port.fileno()
+        except Exception:  # loop:// has none
+            port.close()
+            self.log.event("console.off", "warning", url=url,
+                           reason="the console port has no file descriptor")
+            return
+        self.console = port
+        self.console_fd = fd
+        self.shell = Shell(build_commands(self), banner=f"edgekey {self.opts.node} on "
+                                                        f"{self.board.name}")
+        self.shell.start()
+        self.pump.add_fd(fd, selectors.EVENT_READ, self._console_ready)
+        self._console_flush()
+
+    def _console_ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ and self.shell.wants_input():
+            try:
+                data = os.read(self.console_fd, CONSOLE_READ)
+            except BlockingIOError:
+                data = None
+            except OSError as exc:
+                self.counts["console_read_errors"] += 1
+                self.log.event("console.read_failed", "warning", error=str(exc))
+                data = None
+            if data:
+                self.shell.receive_data(data)
+        self._console_flush()
+
+    def _console_flush(self) -> None:
+        self._console_out += self.shell.data_to_send()
+        while self._console_out:
+            try:
+                n = os.write(self.console_fd, self._console_out)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self.counts["console_write_errors"] += 1
+                self.log.event("console.write_failed", "warning", error=str(exc))
+                self._console_out.clear()
+                break
+            del self._console_out[:n]
+        want = selectors.EVENT_READ if self.shell.wants_input() else 0
+        if self._console_out:
+            want |= selectors.EVENT_WRITE
+        self.pump.modify_fd(self.console_fd, want or selectors.EVENT_WRITE, self._console_ready)
+
+    def _key_for(self, meter_id: bytes, version: int | None) -> bytes | None:
+        try:
+            return self.terminal.keys.get(meter_id, version)
+        except (KeyStoreError, KeyError):
+            return None
+
+    # ============================================================== loop
+
+    def serve(self) -> int:
+        next_tick = next_flush = time.monotonic()
+        while not self.stopping:
+            now = time.monotonic()
+            timeout = max(0.0, min(next_tick, next_flush) - now)
+            for name, event in self.pump.run_once(timeout):
+                self._link_event(name, event)
+            if self.shell is not None:
+                self._console_flush()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                self.feed(ev.Tick())
+                self._reconnect(now)
+            if now >= next_flush:
+                next_flush = now + FLUSH_S
+                self.journal.flush()
+        self.shutdown()
+        return self.exit_status
+
+    def _link_event(self, name: str, event: object) -> None:
+        link = self.meter_links.get(name)
+        if link is None:
+            return
+        if isinstance(event, FrameReceived):
+            request, nak = link.frame_in(event.frame)
+            if nak is not None:
+                self._send(name, nak)
+            if request is not None:
+                self.counts["meter_requests"] += 1
+                self.feed(request, via=name)
+        elif isinstance(event, Rejected):
+            link.rejected(event.reason)
+            self.log.event("link.rejected", "debug", link=name, reason=event.reason.name,
+                           bytes=event.length)
+        elif isinstance(event, LinkDown):
+            self.log.event("link.down", "warning", link=name, detail=event.detail)
+            self.pump.remove_link(name)
+            port = self.ports.pop(name, None)
+            if port is not None:
+                port.close()
+            self.link_down_at[name] = time.monotonic()
+        elif isinstance(event, Reply | Timeout):
+            pass  # the agent sends no requests to meters (yet): nothing can be pending
+
+    def _reconnect(self, now: float) -> None:
+        for role, since in list(self.link_down_at.items()):
+            if now - since >= RECONNECT_S:
+                self.link_down_at[role] = now
+                self._open_meter_link(role)
+
+    def _send(self, link: str, frame: Any) -> None:
+        if link not in self.ports:
+            self.counts["answers_lost_link_down"] += 1
+            return
+        try:
+            self.pump.session(link).send(frame)
+        except Exception as exc:  # a full outbox or a closed session: counted, never fatal
+            self.counts["answers_dropped"] += 1
+            self.log.event("link.send_failed", "warning", link=link, error=str(exc))
+
+    # ======================================================= node <-> runtime
+
+    def feed(self, event: ev.Event, via: str | None = None) -> None:
+        """One event into the node core; carry out its actions (and the blocks they order)."""
+        if via is not None and isinstance(event, ev.RegisterRequest | ev.RotateRequest
+                                          | ev.RevokeRequest | ev.ReadingRequest):
+            self._via[(bytes(event.meter_id), event.request_id)] = via
+            while len(self._via) > 4096:
+                self._via.pop(next(iter(self._via)))
+        self._run(self.terminal.feed(event))
+
+    def _run(self, actions: list[Action]) -> None:
+        while True:
+            for action in actions:
+                self._action(action)
+            blocks = self.ordering.delivered()
+            if not blocks:
+                return
+            actions = []
+            for block in blocks:
+                actions.extend(self.terminal.deliver(block))
+                self.counts["blocks_committed"] += 1
+
+    def _action(self, action: Action) -> None:
+        if isinstance(action, Acknowledge | Refuse):
+            link = self._via.pop((bytes(action.meter_id), action.request_id), None)
+            if link is not None:
+                frame = self.meter_links[link].answer(action)
+                if frame is not None:
+                    self._send(link, frame)
+            kind = "meter.ack" if isinstance(action, Acknowledge) else "meter.nak"
+            fields: dict[str, object] = {"meter": action.meter_id, "op": action.op.value,
+                                         "request": action.request_id}
+            if isinstance(action, Acknowledge):
+                fields.update(version=action.key_version, height=action.height)
+            else:
+                fields.update(reason=action.reason.name, detail=action.detail)
+            self.log.event(kind, "debug" if action.op.value == "reading" else "info", **fields)
+        elif isinstance(action, AcceptReading):
+            self.journal.accepted(bytes(action.meter_id), action.counter)
+            self.counts["readings_accepted"] += 1
+            self.log.event("meter.reading", "debug", meter=action.meter_id,
+                           counter=action.counter, bytes=len(action.plaintext))
+        elif isinstance(action, SubmitBlock):
+            self.ordering.submit(action.block)
+        elif isinstance(action, RequestEndorsements):
+            if action.peers:  # a fleet of one has no one to ask
+                self.log.event("node.no_peers", "error", peers=list(action.peers))
+        elif isinstance(action, AnswerQuery):
+            pass  # queries come from the console, which reads the index itself
+        else:
+            self.counts[f"unrouted_{type(action).__name__}"] += 1
+            self.log.event("node.unrouted", "warning", action=type(action).__name__)
+
+    # ========================================================= console API
+
+    def query(self, meter_id: bytes) -> Any:
+        return query(self.chain, meter_id, self.terminal.id, with_record=True)
+
+    def key_fingerprint(self, meter_id: bytes, version: int) -> bytes | None:
+        key = self._key_for(meter_id, version)
+        return None if key is None else fingerprint(key)
+
+    def request_stop(self, status: int = 0) -> None:
+        self.stopping = True
+        self.exit_status = status
+
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started
+
+    # ========================================================== shutdown
+
+    def shutdown(self) -> None:
+        self.log.event("agent.stop", status=self.exit_status, height=self.chain.height)
+        for role in list(self.pump.links):
+            self.pump.remove_link(role)
+        for port in self.ports.values():
+            port.close()
+        if self.console is not None:
+            self._console_flush()
+            self.console.close()
+        self.pump.close()
+        self.journal.flush()
+        self.device.close()
+
+
+def _genesis_hash(block: Block) -> bytes:
+    return header_hash(block.header)
+
+
+def _clock() -> ev.Time:
+    return ev.Time(time.monotonic(), int(time.time() * 1000))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agent", description="edgekey terminal agent: boot the board's flash, "
+                                            "serve its meter links and console")
+    parser.add_argument("--board", required=True,
+                        help="board file, or a name under board_configs/ (pl-terminal, ...)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the board file and exit")
+    parser.add_argument("--node", help="this terminal's id (as provisioned)")
+    parser.add_argument("--flash", type=Path, help="the flash image (or device)")
+    parser.add_argument("--links", nargs="*", default=[], metavar="ROLE=URL",
+                        help="override a board link's URL for this run (emulation)")
+    parser.add_argument("--trust", type=Path, default=Path(DEFAULT_TRUST),
+                        help=f"the utility's Ed25519 public key (default {DEFAULT_TRUST})")
+    parser.add_argument("--device-key", type=Path, default=Path(DEFAULT_DEVICE_KEY),
+                        help=f"the device key file (default {DEFAULT_DEVICE_KEY})")
+    parser.add_argument("--format", action="store_true",
+                        help="lay the fleet's genesis on a blank ledger partition (refused when "
+                             "it holds data)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        default="info")
+    parser.add_argument("--client-address", type=lambda s: int(s, 0),
+                        default=DEFAULT_CLIENT_ADDRESS,
+                        help="this terminal's DL/T 698.45 client address CA (default 0x01)")
+    return parser
+
+
+def check_board(name: str) -> int:
+    try:
+        board = load_board(board_path(name))
+    except BoardConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    parts = ", ".join(f"{p.name} {p.size_mib} MiB" for p in board.flash.partitions)
+    print(f"{board.source}: ok: {board.name}: {board.cpu.arch} {board.cpu.cores}x"
+          f"{board.cpu.mhz} MHz, RAM {board.ram.total_mib} MiB (agent {board.ram.agent_budget_mib}"
+          f" MiB), flash {board.flash.size_mib} MiB [{parts}], links "
+          f"{', '.join(sorted(board.links))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check:
+        return check_board(args.board)
+    if not args.node or not args.flash:
+        parser.error("--node and --flash are required to run (or --check to validate a board)")
+    try:
+        opts = Options(args.board, args.node, args.flash, parse_links(args.links), args.trust,
+                       args.device_key, args.format, args.log_level, args.client_address)
+        agent = Agent(opts, argv)
+    except BootError as exc:
+        print(f"edgekey agent: refused to start: {exc}", file=sys.stderr)
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.request_stop(0))
+    status = agent.serve()
+    if status == REEXEC_STATUS:
+        args_again = [a for a in argv if a != "--format"]
+        os.execv(sys.executable, [sys.executable, "-m", "agent", *args_again])
+    return status

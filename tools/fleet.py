@@ -1,0 +1,360 @@
+"""``edgekey fleet up|status|down``: terminals, emulated meters and PLC channels on this machine.
+
+``up`` plans the meters (K-means + medoid, agent/placement), provisions the
+fleet as a utility would (a signed provisioning file, each terminal's
+secrets sealed under its device key, factory keys sealed to the home
+terminals), makes each terminal's flash image of its board's size, and
+starts in the background, per terminal:
+
+- a console cable: ``socat`` joins two ptys, the agent opens one end as its
+  console UART and ``edgekey console`` the other;
+- the PLC channel (``python -m emulator.plc``): the board's ``[plc]`` rate,
+  latency, bit errors, frame loss and modem buffer between two ptys;
+- the agent (``python -m agent``), its ``hplc`` link on the channel's end;
+- the emulated meters (``python -m emulator.meter``), all on one channel, as
+  on an HPLC network.
+
+``DIR/fleet.json`` records every process (command line, pid, log) so
+``status`` and ``down`` find them, and ``up`` on an existing directory
+restarts whatever is no longer running (an agent after ``kill -9``), never
+re-provisioning. ``down`` stops everything, also after a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+STOP_ORDER = ("meters", "agent", "channel", "cable")  # meters first: no requests into a stop
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+PROCESS_MARK = "EDGEKEY_FLEET"  # in every child's environment: down kills only its own pids
+AREA_M = 1000.0  # meters spread over a square of this side around the terminal
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    fleet = sub.add_parser("fleet", help="a fleet of terminals with emulated meters, in the "
+                                         "background").add_subparsers(
+        dest="fleet_cmd", metavar="SUBCOMMAND", required=True)
+    up = fleet.add_parser("up", help="provision and start (or restart what stopped)")
+    up.add_argument("--terminals", type=int, default=1)
+    up.add_argument("--meters", type=int, default=20)
+    up.add_argument("--dir", type=Path, default=Path("out/fleet"))
+    up.add_argument("--board", default="host")
+    up.add_argument("--seed", type=int, default=1)
+    up.add_argument("--rate-kbyte-s", type=float, default=None,
+                    help="PLC channel rate (default: the board's [plc] rate_max)")
+    up.add_argument("--latency-ms", type=float, default=20.0)
+    up.add_argument("--ber", type=float, default=0.0, help="channel bit error rate")
+    up.add_argument("--loss", type=float, default=0.0, help="channel frame loss probability")
+    up.add_argument("--reading-every", type=float, default=5.0,
+                    help="seconds between a meter's readings (0: none)")
+    up.add_argument("--rotate-every", type=float, default=20.0,
+                    help="seconds between a meter's key rotations (0: none)")
+    up.add_argument("--start-spread", type=float, default=2.0,
+                    help="meters register spread over this many seconds")
+    up.add_argument("--log-level", default="info")
+    for name, text in (("status", "exit 0 only when every process answers"),
+                       ("down", "stop every process of the fleet")):
+        p = fleet.add_parser(name, help=text)
+        p.add_argument("--dir", type=Path, default=Path("out/fleet"))
+    for p in fleet.choices.values():
+        p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.fleet_cmd == "up":
+        return up(args)
+    if args.fleet_cmd == "status":
+        return status(args.dir)
+    return down(args.dir)
+
+
+# ============================================================== provisioning
+
+def _derive(seed: int, label: str) -> bytes:
+    return hashlib.sha256(f"edgekey fleet {seed} {label}".encode()).digest()
+
+
+def meter_id(i: int) -> bytes:
+    """A 6-byte meter address, BCD digits as DL/T 698.45 meters print theirs."""
+    return bytes.fromhex(f"{i + 1:012d}")
+
+
+def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name: str,
+                    seed: int) -> dict:
+    """Keys, plan, signed provisioning and one flash image per terminal; the fleet description."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from agent import provisioning as prov
+    from agent.keystore.transport import public_bytes
+    from agent.ledger.block import genesis
+    from agent.ledger.identity import TerminalIdentity
+    from agent.placement.plan import DEFAULT_CAP, plan
+    from hal.blockdev import FileBlockDevice, open_partition
+    from hal.board import board_path, load_board
+    from tools.flash_tool import create
+
+    board = load_board(board_path(board_name))
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(0.0, AREA_M, size=(meters, 2))
+    cap = max(DEFAULT_CAP, -(-meters // terminals))
+    p = plan(points, k=terminals, cap=cap, seed=seed)
+    utility = Ed25519PrivateKey.from_private_bytes(_derive(seed, "utility"))
+    raw = serialization.Encoding.Raw
+    _secret_file(directory / "utility.key", utility.private_bytes(
+        raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex())
+    (directory / "utility.pub").write_text(utility.public_key().public_bytes(
+        raw, serialization.PublicFormat.Raw).hex() + "\n")
+    ids = [f"ecd-{i:02d}" for i in range(terminals)]
+    identities = {t: TerminalIdentity.from_seed(t, _derive(seed, f"identity {t}")) for t in ids}
+    transports = {t: X25519PrivateKey.from_private_bytes(_derive(seed, f"transport {t}"))
+                  for t in ids}
+    now_ms = int(time.time() * 1000)
+    block0 = genesis(identities[ids[0]], [(t, identities[t].public_bytes()) for t in ids],
+                     timestamp_ms=now_ms, endorsers=[identities[t] for t in
+                                                     ids[:terminals // 2 + 1]],
+                     difficulty=board.ledger.pow_difficulty)
+    entries = [prov.TerminalEntry(t, identities[t].public_bytes(), public_bytes(transports[t]),
+                                  tuple(float(v) for v in p.centres[i]), cap)  # type: ignore[arg-type]
+               for i, t in enumerate(ids)]
+    factory = {meter_id(i): _derive(seed, f"factory {i}") for i in range(meters)}
+    rows = [(meter_id(i), ids[int(p.assign[i])], (float(points[i, 0]), float(points[i, 1])),
+             factory[meter_id(i)]) for i in range(meters)]
+    document = prov.document_for(fleet=directory.name, board=board.name, issued_ms=now_ms,
+                                 genesis=block0, terminals=entries, meters=rows)
+    signed = prov.sign(document, utility)
+    (directory / "provisioning.json").write_bytes(signed)
+    fleet: dict = {"board": board.name, "seed": seed, "terminals": [], "processes": {}}
+    for t in ids:
+        image = directory / f"{t}.img"
+        devkey = directory / f"{t}.devkey"
+        device_key = _derive(seed, f"device {t}")
+        _secret_file(devkey, device_key, binary=True)
+        if image.exists():
+            image.unlink()
+        create(image, board)
+        sealed = prov.seal_secrets(device_key, t, _derive(seed, f"identity {t}"), transports[t],
+                                   nonce=_derive(seed, f"secrets nonce {t}")[:12])
+        with FileBlockDevice(image, board.flash.erase_block_bytes) as dev:
+            prov.install(open_partition(dev, board.flash, "config"), signed, sealed)
+        homed = [{"id": m.hex(), "factory_key": factory[m].hex()}
+                 for m, home, _xy, _k in rows if home == t]
+        meters_file = directory / f"{t}.meters.json"
+        _secret_file(meters_file, json.dumps(homed, indent=1))
+        fleet["terminals"].append({"id": t, "flash": str(image), "device_key": str(devkey),
+                                   "meters_file": str(meters_file), "meters": len(homed)})
+    return fleet
+
+
+def _secret_file(path: Path, content: str | bytes, *, binary: bool = False) -> None:
+    if path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(content if isinstance(content, bytes) else content.encode())
+
+
+# ================================================================= processes
+
+def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str) -> dict[str, dict]:
+    tid = t["id"]
+    py = sys.executable
+    console, console_agent = directory / f"{tid}.console", directory / f"{tid}.console-agent"
+    plc_terminal, plc_meters = directory / f"{tid}.plc-terminal", directory / f"{tid}.plc-meters"
+    channel = [py, "-m", "emulator.plc", "--terminal-end", f"pty:{plc_terminal}",
+               "--meter-end", f"pty:{plc_meters}", "--board", board,
+               "--latency-ms", str(args.latency_ms), "--ber", str(args.ber),
+               "--loss", str(args.loss), "--seed", str(args.seed),
+               "--stats", str(directory / f"{tid}.channel-stats.json"),
+               "--ready", str(directory / f"{tid}.channel-ready.json")]
+    if args.rate_kbyte_s is not None:
+        channel += ["--rate-kbyte-s", str(args.rate_kbyte_s)]
+    agent = [py, "-m", "agent", "--board", board, "--node", tid, "--flash", t["flash"],
+             "--trust", str(directory / "utility.pub"), "--device-key", t["device_key"],
+             "--log-level", args.log_level,
+             "--links", f"console={console_agent}", f"hplc={plc_terminal}"]
+    meters = [py, "-m", "emulator.meter", "--link", str(plc_meters),
+              "--meters", t["meters_file"], "--state", str(directory / f"{tid}.meter-state"),
+              "--reading-every", str(args.reading_every),
+              "--rotate-every", str(args.rotate_every),
+              "--start-spread", str(args.start_spread), "--seed", str(args.seed),
+              "--stats", str(directory / f"{tid}.meter-stats.json")]
+    cable = ["socat", f"pty,raw,echo=0,link={console}", f"pty,raw,echo=0,link={console_agent}"]
+    return {"cable": {"cmd": cable, "wait": [str(console), str(console_agent)]},
+            "channel": {"cmd": channel, "wait": [str(plc_terminal), str(plc_meters)]},
+            "agent": {"cmd": agent, "wait": []},
+            "meters": {"cmd": meters, "wait": []}}
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                os.waitpid(pid, os.WNOHANG)
+                return False
+    except (OSError, IndexError, ChildProcessError):
+        pass
+    return PROCESS_MARK.encode() in env
+
+
+def _start(proc: dict, directory: Path, name: str, extra: list[str] | None = None) -> None:
+    log = directory / f"{name}.log"
+    env = dict(os.environ, **{PROCESS_MARK: str(directory.resolve())})
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get(
+        "PYTHONPATH", "")
+    with open(log, "ab") as out:
+        child = subprocess.Popen(proc["cmd"] + (extra or []), stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=out, env=env, start_new_session=True)
+    proc.update(pid=child.pid, log=str(log))
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for path in proc["wait"]:
+        while not os.path.exists(path):
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start (see {log})")
+            time.sleep(0.02)
+
+
+def _write(directory: Path, fleet: dict) -> None:
+    tmp = directory / "fleet.json.tmp"
+    tmp.write_text(json.dumps(fleet, indent=1))
+    os.replace(tmp, directory / "fleet.json")
+
+
+def load_fleet(directory: Path) -> dict:
+    try:
+        return json.loads((directory / "fleet.json").read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"edgekey fleet: no fleet in {directory} (edgekey fleet up)") from None
+
+
+def up(args: argparse.Namespace) -> int:
+    directory: Path = args.dir
+    if args.terminals != 1:
+        print("edgekey fleet: this build runs a fleet of one terminal (--terminals 1); "
+              "several terminals need the network ordering", file=sys.stderr)
+        return 2
+    fresh = not (directory / "fleet.json").exists()
+    if fresh:
+        fleet = provision_fleet(directory, terminals=args.terminals, meters=args.meters,
+                                board_name=args.board, seed=args.seed)
+        for t in fleet["terminals"]:
+            t["processes"] = _commands(directory, t, args, fleet["board"])
+    else:
+        fleet = load_fleet(directory)
+    try:
+        for t in fleet["terminals"]:
+            for name in ("cable", "channel", "agent", "meters"):
+                proc = t["processes"][name]
+                if _alive(proc.get("pid")):
+                    continue
+                extra = ["--format"] if name == "agent" and fresh else None
+                _start(proc, directory, f"{t['id']}.{name}", extra)
+                if name == "agent":
+                    t["console"] = str(directory / f"{t['id']}.console")
+                    t["pid"] = proc["pid"]
+                    t["log"] = proc["log"]
+                    _wait_console(t["console"], proc)
+        _write(directory, fleet)
+    except (RuntimeError, OSError) as exc:
+        _write(directory, fleet)
+        print(f"edgekey fleet: {exc}", file=sys.stderr)
+        down(directory)
+        return 1
+    for t in fleet["terminals"]:
+        print(f"{t['id']}: console {t['console']}  agent pid {t['pid']}  log {t['log']}  "
+              f"meters {t['meters']}")
+    print(f"fleet: {directory / 'fleet.json'}")
+    return 0
+
+
+def _wait_console(url: str, proc: dict) -> None:
+    from tools.console_client import ConsoleClient, ConsoleTimeout
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not _alive(proc["pid"]):
+            raise RuntimeError(f"the agent exited (see {proc['log']})")
+        try:
+            with ConsoleClient(url, timeout=2.0) as c:
+                if c.run("status").ok:
+                    return
+        except (ConsoleTimeout, OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the agent's console did not answer in {READY_TIMEOUT_S:.0f} s")
+
+
+def status(directory: Path) -> int:
+    from tools.console_client import ConsoleClient, ConsoleTimeout
+
+    fleet = load_fleet(directory)
+    bad = 0
+    for t in fleet["terminals"]:
+        for name, proc in t["processes"].items():
+            alive = _alive(proc.get("pid"))
+            bad += not alive
+            print(f"{t['id']} {name:<8} pid {proc.get('pid')}: {'running' if alive else 'DOWN'}")
+        try:
+            with ConsoleClient(t["console"], timeout=3.0) as c:
+                r = c.run("status")
+            print(f"{t['id']} console: {'OK' if r.ok else 'ERR'}")
+            bad += not r.ok
+        except (ConsoleTimeout, OSError, ValueError, KeyError) as exc:
+            print(f"{t['id']} console: no answer ({exc})")
+            bad += 1
+    return 0 if bad == 0 else 1
+
+
+def down(directory: Path) -> int:
+    fleet = load_fleet(directory)
+    pids = []
+    for name in STOP_ORDER:
+        for t in fleet["terminals"]:
+            proc = t.get("processes", {}).get(name, {})
+            pid = proc.get("pid")
+            if _alive(pid):
+                os.kill(pid, signal.SIGTERM)
+                pids.append(pid)
+                _wait_gone([pid], STOP_TIMEOUT_S)
+    leftover = [p for p in pids if _alive(p)]
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    _wait_gone(leftover, STOP_TIMEOUT_S)
+    for t in fleet["terminals"]:
+        for suffix in ("console", "console-agent", "plc-terminal", "plc-meters"):
+            link = directory / f"{t['id']}.{suffix}"
+            if link.is_symlink():
+                link.unlink()
+    print(f"fleet down: {len(pids)} process(es) stopped"
+          + (f", {len(leftover)} killed" if leftover else ""))
+    return 0
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        for p in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p, os.WNOHANG)
+        time.sleep(0.05)
