@@ -58,7 +58,7 @@ from hal.link import LinkOpenError, open_port
 from hal.linksession import FrameReceived, LinkSession, Rejected, Reply, Timeout
 from hal.pump import LinkDown, Pump
 from hal.ram import RamBudget
-from hal.recordlog import LogError
+from hal.recordlog import LogError, RecordLog
 
 TICK_S = 0.25  # node timers and batching: well below the 2 s endorsement round
 FLUSH_S = 1.0  # journal lines reach flash at least this often
@@ -221,6 +221,18 @@ class Agent:
             factory_key=self.factory.get,
             reading_floor=lambda m: journal.ceiling(m) - 1)
         fl = self.board.flash
+        # Blank or not is read before anything may write: a refusal leaves the image as it was.
+        ledger_log = RecordLog(open_partition(self.device, fl, "ledger"))
+        blank = ledger_log.stats().used_segments == 0
+        if blank and not self.opts.format:
+            raise BootError(f"{self.opts.flash}: the ledger partition is blank; start once with "
+                            "--format to lay down the fleet's genesis")
+        if not blank and self.opts.format:
+            raise BootError(f"{self.opts.flash}: --format refused: the ledger partition holds "
+                            f"{ledger_log.stats().records} records")
+        if len(p.terminals) > 1:
+            raise BootError(f"fleet {p.fleet!r} has {len(p.terminals)} terminals: this agent "
+                            "orders blocks for a fleet of one only")
         try:
             self.terminal = Terminal(
                 self.node_config, ledger=open_partition(self.device, fl, "ledger"),
@@ -234,16 +246,9 @@ class Agent:
             raise BootError(f"{self.opts.flash}: {type(exc).__name__}: {exc}") from None
         self.chain = self.terminal.chain
         self.ordering = SoloOrdering()
-        blank = self.chain.height is None
-        if blank and not self.opts.format:
-            raise BootError(f"{self.opts.flash}: the ledger partition is blank; start once with "
-                            "--format to lay down the fleet's genesis")
-        if not blank and self.opts.format:
-            raise BootError(f"{self.opts.flash}: --format refused: the ledger holds "
-                            f"{self.chain.height + 1} blocks")
-        if len(p.terminals) > 1:
-            raise BootError(f"fleet {p.fleet!r} has {len(p.terminals)} terminals: this agent "
-                            "orders blocks for a fleet of one only")
+        if not blank and self.chain.height is None:
+            raise BootError(f"{self.opts.flash}: the ledger partition holds records but no "
+                            "chain; the image is left as it is")
         self._run(self.terminal.boot_actions)
         if blank:
             self._run(self.terminal.deliver(p.genesis))
@@ -375,7 +380,9 @@ class Agent:
                 self.counts["meter_requests"] += 1
                 self.feed(request, via=name)
         elif isinstance(event, Rejected):
-            link.rejected(event.reason)
+            nak = link.rejected(event.reason, event.source)
+            if nak is not None:
+                self._send(name, nak)
             self.log.event("link.rejected", "debug", link=name, reason=event.reason.name,
                            bytes=event.length)
         elif isinstance(event, LinkDown):

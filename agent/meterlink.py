@@ -109,9 +109,21 @@ class MeterLink:
             self.counts["outstanding_dropped"] += 1
         return request, None
 
-    def rejected(self, reason: Reason) -> None:
-        """A byte run the link layer threw away (no address to answer to: counted only)."""
+    def rejected(self, reason: Reason, source: tuple[ServerAddress, int] | None = None
+                 ) -> Frame | None:
+        """A byte run the link layer threw away; the NAK frame to send when its sender is
+        known (its header checked before the body failed) and it is one of ours."""
         self.counts[f"rejected_{reason.name}"] += 1
+        if source is None:
+            return None
+        server, client = source
+        if client != self.client_address or server.type is not AddressType.SINGLE:
+            return None
+        st = self._stats(bytes(server.address))
+        st.naks[f"LINK_{reason.name}"] += 1
+        self.counts["naks"] += 1
+        return _reply(bytes(server.address), server.logical, client,
+                      mp.encode_nak(0, 0, mp.LINK_REASON_BASE + int(reason)))
 
     # -- out
 

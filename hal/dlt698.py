@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from hal.crc16 import crc16_x25
@@ -192,6 +192,10 @@ class Rejected:
 
     reason: Reason
     discarded: int
+    # Where the frame came from, when its header passed HCS before the body
+    # failed (BAD_FCS, BAD_END, TRUNCATED after the header): the SA and CA a
+    # negative acknowledgement can be sent back to. None otherwise.
+    source: tuple[ServerAddress, int] | None = field(default=None, compare=False)
 
 
 class _Sentinel(enum.Enum):
@@ -385,36 +389,39 @@ class FrameDecoder:
             if c & C_RESERVED or (c & C_FUNCTION) not in _FUNCTION_CODES:
                 return self._reject(Reason.BAD_CONTROL)
             self._header_ok = True
+        af = buf[4]
+        server = ServerAddress(address=MeterId(buf[5:5 + sa_len]), type=AddressType(af >> 6),
+                               logical=(af >> 4) & MAX_LOGICAL_ADDRESS)
+        source = (server, buf[5 + sa_len])
         if len(buf) < total:
-            return self._need(total)
+            return self._need(total, source)
         fcs = buf[total - 3] | (buf[total - 2] << 8)
         if crc16_x25(buf[1:total - 3]) != fcs:
-            return self._reject(Reason.BAD_FCS)
+            return self._reject(Reason.BAD_FCS, source)
         if buf[total - 1] != END:
-            return self._reject(Reason.BAD_END)
-        af = buf[4]
+            return self._reject(Reason.BAD_END, source)
         frame = Frame(
             control=Control.from_byte(buf[3]),
-            server=ServerAddress(address=MeterId(buf[5:5 + sa_len]), type=AddressType(af >> 6),
-                                 logical=(af >> 4) & MAX_LOGICAL_ADDRESS),
-            client=buf[5 + sa_len],
+            server=server,
+            client=source[1],
             apdu=bytes(buf[header:total - 3]),
         )
         self._consume(total)
         self.frames += 1
         return frame
 
-    def _need(self, n: int) -> Event:
+    def _need(self, n: int, source: tuple[ServerAddress, int] | None = None) -> Event:
         """NEED_DATA, unless the line went idle before the candidate's ``n`` bytes came."""
         if self._idle_mark is not None and n > self._idle_mark:
-            return self._reject(Reason.TRUNCATED)
+            return self._reject(Reason.TRUNCATED, source)
         return NEED_DATA
 
-    def _reject(self, reason: Reason) -> Rejected:
+    def _reject(self, reason: Reason, source: tuple[ServerAddress, int] | None = None
+                ) -> Rejected:
         """Drop the candidate's start byte only; the hunt resumes right after it."""
         self._consume(1)
         self.rejects[reason] += 1
-        return Rejected(reason, 1)
+        return Rejected(reason, 1, source)
 
     def _consume(self, n: int) -> None:
         del self._buf[:n]

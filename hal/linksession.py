@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NewType
 
 from hal import errors
@@ -56,6 +56,7 @@ from hal.dlt698 import (
     Frame,
     FrameDecoder,
     Reason,
+    ServerAddress,
     encode_frame,
     is_response_to,
 )
@@ -165,6 +166,9 @@ class Rejected:
     reason: Reason
     detail: str
     length: int
+    # The SA and CA of a frame whose header checked before its body failed
+    # (hal.dlt698.Rejected.source): where a negative acknowledgement can go.
+    source: tuple[ServerAddress, int] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -349,7 +353,7 @@ class LinkSession:
                 return
             if isinstance(event, DecoderRejected):
                 self._queue_received(Rejected(event.reason, REASON_DETAIL[event.reason],
-                                              event.discarded))
+                                              event.discarded, event.source))
             else:
                 self._frame_in(event)
 

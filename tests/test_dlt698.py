@@ -245,9 +245,13 @@ def test_each_reason_is_reported_and_the_next_frame_is_still_found(reason):
     dec.receive_data(GOOD)
     events += list(dec.events())
     discarded = len(REASON_CASES[reason]) if reason is Reason.GARBAGE else 1
-    assert events[0] == Rejected(reason, discarded)
+    assert (events[0].reason, events[0].discarded) == (reason, discarded)
     assert dec.rejects[reason] == 1
     assert frames_of(events) == [METER]
+    if reason in (Reason.BAD_FCS, Reason.BAD_END):  # the header checked: the sender is known
+        assert events[0].source is not None
+    elif reason is not Reason.TRUNCATED:
+        assert events[0].source is None
 
 
 def test_length_with_reserved_bit_15_set_is_a_bad_length():

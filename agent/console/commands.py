@@ -1,0 +1,301 @@
+"""The terminal's console commands: what an engineer asks a running agent.
+
+Each handler reads the agent's state (chain index, key store, links,
+journal, RAM) and returns text for people and, with ``--json``, data for
+scripts. No handler changes a key or the chain: key operations come from
+meters and the ledger only. ``reboot`` stops the agent cleanly and starts
+it again. Handlers are cheap (an index lookup, a counter snapshot) except
+``ledger verify`` and ``keys history``, which read flash and say so.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from agent.console.shell import Call, Command, CommandError, Reply
+from agent.ledger.block import header_hash
+from agent.ledger.chain import _record_tx
+from agent.ledger.state import MeterStatus
+from hal.ids import METER_ID_MAX, METER_ID_MIN
+
+if TYPE_CHECKING:
+    from agent.main import Agent
+
+HISTORY_SCAN_LIMIT = 200_000  # records read back at most for one `keys history`
+DEFAULT_TAIL = 10
+MAX_TAIL = 1000
+MAX_LIST = 1000  # meters `keys list` prints at most
+
+
+def _meter(arg: str) -> bytes:
+    try:
+        value = bytes.fromhex(arg)
+    except ValueError:
+        raise CommandError("EINVAL", f"{arg!r} is not a meter id in hex") from None
+    if not METER_ID_MIN <= len(value) <= METER_ID_MAX:
+        raise CommandError("EINVAL", f"a meter id is {METER_ID_MIN}..{METER_ID_MAX} bytes")
+    return value
+
+
+def _count(args: list[str], default: int, limit: int) -> int:
+    if not args:
+        return default
+    if len(args) != 2 or args[0] != "-n":
+        raise CommandError("EINVAL", "usage: -n N")
+    try:
+        n = int(args[1])
+    except ValueError:
+        raise CommandError("EINVAL", f"-n wants a number, got {args[1]!r}") from None
+    if not 1 <= n <= limit:
+        raise CommandError("EINVAL", f"-n must be 1..{limit}")
+    return n
+
+
+def _lines(rows: list[tuple[str, object]]) -> str:
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def build_commands(agent: Agent) -> list[Command]:
+    """The command tree bound to one running agent."""
+
+    def status(args: list[str], call: Call) -> Reply:
+        chain, node = agent.chain, agent.terminal.node
+        tip = chain.state.tip
+        usage = agent.ram.usage()
+        data = {"node": agent.opts.node, "fleet": agent.provisioning.fleet,
+                "board": agent.board.name, "uptime_s": round(agent.uptime_s(), 1),
+                "boot_s": round(agent.boot_s, 3), "height": chain.height,
+                "tip": tip.block_hash.hex() if tip else None,
+                "meters_on_chain": chain.state.meter_count,
+                "keys_held": len(agent.terminal.keys.live_meters()),
+                "operations_in_flight": node.inflight,
+                "terminals": chain.state.active_count,
+                "rss_bytes": usage.rss_bytes, "ram_budget_bytes": usage.budget_bytes,
+                "links": {r: ("up" if r in agent.ports or r == "console" else "down")
+                          for r in agent.link_urls}}
+        return Reply(_lines(list(data.items())), data)
+
+    def board(args: list[str], call: Call) -> Reply:
+        b = agent.board
+        data = {"name": b.name, "arch": b.cpu.arch, "cores": b.cpu.cores, "mhz": b.cpu.mhz,
+                "ram_mib": b.ram.total_mib, "agent_budget_mib": b.ram.agent_budget_mib,
+                "flash_mib": b.flash.size_mib,
+                "links": {r: agent.link_urls.get(r, c.url) for r, c in b.links.items()},
+                "plc_kbyte_s": [b.plc.rate_min_kbyte_s, b.plc.rate_max_kbyte_s],
+                "modem_buffer_bytes": b.plc.modem_buffer_bytes,
+                "txs_per_block": b.ledger.txs_per_block,
+                "pow_difficulty": b.ledger.pow_difficulty}
+        return Reply(_lines(list(data.items())), data)
+
+    def keys_get(args: list[str], call: Call) -> Reply:
+        meter_id = _meter(args[0])
+        r = agent.query(meter_id)
+        held = None
+        if r.answer.value == "local" and r.key_version is not None:
+            fp = agent.key_fingerprint(meter_id, r.key_version)
+            held = fp is not None and fp == r.fingerprint
+        data = {"meter": meter_id.hex(), "answer": r.answer.value, "home": r.home,
+                "key_version": r.key_version,
+                "fingerprint": r.fingerprint.hex() if r.fingerprint else None,
+                "height": r.height, "key_held_here": held}
+        if r.answer.value == "unknown":
+            raise CommandError("ENOENT", f"meter {meter_id.hex()} is not on the chain")
+        return Reply(_lines(list(data.items())), data)
+
+    def keys_list(args: list[str], call: Call) -> Reply:
+        rows = []
+        for meter_id in agent.terminal.keys.live_meters()[:MAX_LIST]:
+            entry = agent.chain.entry(meter_id)
+            rows.append({"meter": bytes(meter_id).hex(),
+                         "key_version": entry.key_version if entry else None,
+                         "status": entry.status.name.lower() if entry else "not on chain",
+                         "height": entry.height if entry else None})
+        text = "\n".join(f"{r['meter']}  v{r['key_version']}  {r['status']}  block {r['height']}"
+                         for r in rows) or "no keys held"
+        return Reply(text, rows)
+
+    def keys_history(args: list[str], call: Call) -> Reply:
+        meter_id = _meter(args[0])
+        log = agent.chain.log
+        rows, scanned = [], 0
+        for seq in range(log.next_seq - 1, log.first_seq - 1, -1):
+            scanned += 1
+            if scanned > HISTORY_SCAN_LIMIT:
+                break
+            tx = _record_tx(log.read(seq))
+            if tx is not None and tx.meter_id == meter_id:
+                rows.append({"op": tx.kind.name.lower(), "key_version": tx.key_version,
+                             "home": tx.home, "counter": tx.counter,
+                             "fingerprint": tx.fingerprint.hex(), "record": seq})
+        rows.reverse()
+        if not rows:
+            raise CommandError("ENOENT", f"no record of meter {meter_id.hex()} on flash")
+        text = "\n".join(f"{r['op']:<8} v{r['key_version']}  home {r['home']}  counter "
+                         f"{r['counter']}  fp {r['fingerprint'][:16]}" for r in rows)
+        return Reply(text + f"\n({scanned} records read)", rows)
+
+    def ledger_height(args: list[str], call: Call) -> Reply:
+        h = agent.chain.height
+        return Reply(str(h), {"height": h})
+
+    def _head_row(height: int) -> dict[str, Any]:
+        head = agent.chain.head(height)
+        h = head.header
+        return {"height": h.height, "hash": header_hash(h).hex(), "txs": h.tx_count,
+                "timestamp_ms": h.timestamp_ms, "proposer": h.proposer,
+                "endorsements": len(head.endorsements)}
+
+    def ledger_tail(args: list[str], call: Call) -> Reply:
+        n = _count(args, DEFAULT_TAIL, MAX_TAIL)
+        top = agent.chain.height
+        rows = []
+        if top is not None:
+            for height in range(top, max(-1, top - n), -1):
+                try:
+                    rows.append(_head_row(height))
+                except KeyError:
+                    break  # compacted into a snapshot
+        text = "\n".join(f"{r['height']:>7}  {r['hash'][:16]}  txs {r['txs']:<4} by "
+                         f"{r['proposer']}  endorsed {r['endorsements']}" for r in rows)
+        return Reply(text or "empty chain", rows)
+
+    def ledger_block(args: list[str], call: Call) -> Reply:
+        try:
+            height = int(args[0])
+            block = agent.chain.block(height)
+        except ValueError:
+            raise CommandError("EINVAL", f"{args[0]!r} is not a height") from None
+        except KeyError as exc:
+            raise CommandError("ENOENT", str(exc).strip("'\"")) from None
+        row = _head_row(height)
+        row["transactions"] = [{"kind": t.kind.name.lower(), "meter": t.meter_id.hex(),
+                                "key_version": t.key_version, "home": t.home,
+                                "counter": t.counter} for t in block.txs]
+        text = _lines([(k, v) for k, v in row.items() if k != "transactions"])
+        text += "".join(f"\n  {t['kind']:<12} {t['meter']} v{t['key_version']} {t['home']}"
+                        for t in row["transactions"])
+        return Reply(text, row)
+
+    def ledger_verify(args: list[str], call: Call) -> Reply:
+        try:
+            report = agent.chain.verify(deep=True)
+        except Exception as exc:
+            raise CommandError("EIO", f"verify failed: {type(exc).__name__}: {exc}") from None
+        data = {"height": report.height, "blocks": report.blocks_replayed,
+                "txs": report.txs_replayed, "snapshot_height": report.snapshot_height,
+                "state_digest": agent.chain.state_digest().hex()}
+        return Reply(_lines(list(data.items())), data)
+
+    def meters(args: list[str], call: Call) -> Reply:
+        data: dict[str, Any] = {"links": {}, "meters": {}}
+        for role, link in agent.meter_links.items():
+            counters = None
+            if role in agent.ports:
+                c = agent.pump.session(role).counters()
+                counters = {"bytes_rx": c.bytes_rx, "bytes_tx": c.bytes_tx,
+                            "frames_rx": c.frames_rx, "frames_tx": c.frames_tx,
+                            "rejects": {r.name: n for r, n in c.rejects.items()},
+                            "events_dropped": c.events_dropped}
+            data["links"][role] = {"url": agent.link_urls[role], "up": role in agent.ports,
+                                   "session": counters, "protocol": dict(link.counts),
+                                   "outstanding": link.outstanding}
+            for meter_id, st in link.meters.items():
+                data["meters"][bytes(meter_id).hex()] = st.as_dict() | {"link": role}
+        lines = [f"link {r}: {'up' if v['up'] else 'DOWN'} {v['url']}  "
+                 + json.dumps(v["session"] or {}, sort_keys=True)
+                 for r, v in data["links"].items()]
+        lines += [f"{m}  frames {s['frames']}  acks {s['acks']}  naks "
+                  f"{sum(s['naks'].values())}  readings {s['readings']}"
+                  for m, s in data["meters"].items()]
+        return Reply("\n".join(lines), data)
+
+    def place(args: list[str], call: Call) -> Reply:
+        me = agent.provisioning.terminal(agent.opts.node)
+        state = agent.chain.state
+        homed = [m for m in state.meter_ids()
+                 if (e := state.meter(m)) is not None and e.home == agent.opts.node
+                 and e.status is not MeterStatus.REVOKED] if state.meter_count <= 100_000 \
+            else None
+        planned = agent.provisioning.homed(agent.opts.node)
+        live = len(agent.terminal.keys.live_meters())
+        data = {"terminal": me.terminal_id, "site_xy_m": list(me.site),
+                "cluster_planned": len(planned), "homed_on_chain": None if homed is None
+                else len(homed), "keys_held": live, "capacity": me.capacity,
+                "spare_capacity": me.capacity - live}
+        return Reply(_lines(list(data.items())), data)
+
+    def route(args: list[str], call: Call) -> Reply:
+        others = [t for t in agent.chain.state.active_terminals() if t != agent.opts.node]
+        if not others:
+            return Reply("no other terminals: a fleet of one routes nothing",
+                         {"paths": [], "terminals": 1})
+        return Reply("\n".join(f"{agent.opts.node} -> {t}: no route (no network link)"
+                               for t in others), {"paths": [], "unreachable": others})
+
+    def flash(args: list[str], call: Call) -> Reply:
+        rows = {}
+        parts = {"ledger": agent.chain.log, "keystore": agent.terminal.keys.log,
+                 "journal": agent.journal.log}
+        for name, log in parts.items():
+            st = log.stats()
+            rows[name] = {"segments": st.segments, "used": st.used_segments,
+                          "records": st.records, "free_bytes": st.payload_bytes_free,
+                          "wear_min": st.erase_min, "wear_max": st.erase_max}
+        for p in agent.board.flash.partitions:
+            rows.setdefault(p.name, {}).update(offset_mib=p.offset_mib, size_mib=p.size_mib)
+        text = "\n".join(f"{n:<9} {v['offset_mib']:>4}+{v['size_mib']:<4} MiB"
+                         + (f"  used {v['used']}/{v['segments']} segments, {v['records']} "
+                            f"records, wear {v['wear_min']}..{v['wear_max']}"
+                            if "segments" in v else "") for n, v in rows.items())
+        return Reply(text, rows)
+
+    def mem(args: list[str], call: Call) -> Reply:
+        u = agent.ram.usage()
+        lim = agent.ram_limit
+        data = {"rss_bytes": u.rss_bytes, "peak_rss_bytes": u.peak_rss_bytes,
+                "data_bytes": u.data_bytes, "budget_bytes": u.budget_bytes,
+                "fraction": round(u.fraction, 4), "rlimit_data_soft": lim.soft_bytes,
+                "enforced": lim.effective, "source": u.source}
+        return Reply(str(u), data)
+
+    def log_(args: list[str], call: Call) -> Reply:
+        n = _count(args, 20, MAX_TAIL)
+        lines = agent.journal.tail(n)
+        return Reply("\n".join(lines), [json.loads(x) if x.startswith("{") else x
+                                        for x in lines])
+
+    def reboot(args: list[str], call: Call) -> Reply:
+        from agent.main import REEXEC_STATUS
+        agent.request_stop(REEXEC_STATUS)
+        agent.log.event("agent.reboot", source="console")
+        return Reply("rebooting")
+
+    return [
+        Command("status", "node, chain, keys, links and RAM at a glance", status, json=True),
+        Command("board", "the board this agent runs on", board, json=True),
+        Command("keys", "meter keys (fingerprints only; no key leaves the store)", subcommands=(
+            Command("get", "where a meter's key is and which it is: keys get <meter hex>",
+                    keys_get, mandatory=1, json=True),
+            Command("list", "meters whose keys this terminal holds", keys_list, json=True),
+            Command("history", "a meter's key operations on flash: keys history <meter hex>",
+                    keys_history, mandatory=1, json=True),
+        )),
+        Command("ledger", "the chain on this terminal's flash", subcommands=(
+            Command("height", "the tip's height", ledger_height, json=True),
+            Command("tail", "the newest blocks: ledger tail [-n N]", ledger_tail, optional=2,
+                    json=True),
+            Command("verify", "re-read and re-check the whole chain on flash", ledger_verify,
+                    json=True),
+            Command("block", "one block and its transactions: ledger block <height>",
+                    ledger_block, mandatory=1, json=True),
+        )),
+        Command("meters", "meter links and per-meter counters", meters, json=True),
+        Command("place", "this terminal's cluster, site and spare capacity", place, json=True),
+        Command("route", "paths to the other terminals", route, json=True),
+        Command("flash", "partitions, use and wear", flash, json=True),
+        Command("mem", "RAM use against the board's budget", mem, json=True),
+        Command("log", "the newest log lines: log [-n N]", log_, optional=2, json=True),
+        Command("reboot", "stop cleanly and start again", reboot),
+    ]
