@@ -65,6 +65,7 @@ FLUSH_S = 1.0  # journal lines reach flash at least this often
 RECONNECT_S = 1.0  # a meter link that went down is reopened this often
 METER_ROLES = ("hplc", "rs485")
 CONSOLE_READ = 512
+CONSOLE_WRITE = 4096  # the tty layer's buffer: the shell's outbox holds the rest
 DEFAULT_TRUST = "/etc/edgekey/utility.pub"
 DEFAULT_DEVICE_KEY = "/etc/edgekey/device.key"
 DEFAULT_CLIENT_ADDRESS = 0x01
@@ -323,8 +324,11 @@ class Agent:
         self._console_flush()
 
     def _console_flush(self) -> None:
-        self._console_out += self.shell.data_to_send()
-        while self._console_out:
+        while True:
+            if not self._console_out:  # take more only once the port took what we hold
+                self._console_out += self.shell.data_to_send(CONSOLE_WRITE)
+                if not self._console_out:
+                    break
             try:
                 n = os.write(self.console_fd, self._console_out)
             except BlockingIOError:

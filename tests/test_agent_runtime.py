@@ -1,6 +1,6 @@
 """The agent process: boot refusals, meter frames and their faults, kill -9 and restart.
 
-Each test runs ``python -m agent`` on ptys (tests/agentproc.py) and stops it
+Each test runs ``python -m agent`` on ptys (emulator/agent_harness.py) and stops it
 on every path. Fault tests say what they injected and what survived.
 """
 
@@ -11,11 +11,11 @@ import random
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProc, TestMeter, image_digest
 
 from agent import meterproto as mp
 from agent.keystore.material import make_rotation_proof, new_key
 from agent.node.actions import Nak
+from emulator.agent_harness import AgentProc, TestMeter, image_digest
 from hal.dlt698 import Reason
 
 pytestmark = pytest.mark.host_only

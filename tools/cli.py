@@ -100,6 +100,21 @@ def _bench_ledger(args: argparse.Namespace) -> int:
     return _emit(result, bench_ledger.rows(result), "edgekey bench ledger", args.out)
 
 
+def _bench_agent(args: argparse.Namespace) -> int:
+    from tools import bench_agent
+
+    def floats(text: str) -> tuple[float, ...]:
+        return tuple(float(x) for x in text.split(","))
+
+    result = bench_agent.run(meters=args.meters, latency_meters=args.latency_meters,
+                             offered_per_s=args.offered, rates=floats(args.rates),
+                             seconds=args.seconds,
+                             boot_sizes=tuple(int(x) for x in floats(args.boot_sizes)),
+                             arm=args.arm, channel_rates=floats(args.channel_rates),
+                             seed=args.seed, workdir=args.workdir)
+    return _emit(result, bench_agent.rows(result), "edgekey bench agent", args.out)
+
+
 def _paper(args: argparse.Namespace) -> int:
     from tools import paper
 
@@ -194,9 +209,36 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--out", default="bench/results/ledger.json")
     lg.set_defaults(handler=_bench_ledger)
 
+    ag = bench.add_parser("agent", help="the running agent: register latency over PLC "
+                                        "channels, ops/s, console round trip, boot, RSS, CPU")
+    ag.add_argument("--meters", type=int, default=300, help="meters for the ops/s runs")
+    ag.add_argument("--latency-meters", type=int, default=100,
+                    help="meters registering through each channel")
+    ag.add_argument("--offered", type=float, default=20.0,
+                    help="registrations per second offered through a channel (open loop)")
+    ag.add_argument("--rates", default="50,100,200,400",
+                    help="rotations per second offered, one run each (open loop)")
+    ag.add_argument("--seconds", type=float, default=4.0, help="length of each rate's run")
+    ag.add_argument("--channel-rates", default="25,128", help="PLC channel rates, KByte/s")
+    ag.add_argument("--boot-sizes", default="1e4,1e6", help="meters on the chain at boot")
+    ag.add_argument("--arm", action="store_true",
+                    help="run the agent under qemu-arm-static (Debian armhf python3)")
+    ag.add_argument("--seed", type=int, default=1)
+    ag.add_argument("--workdir", default=None, help="scratch folder (default: tmp)")
+    ag.add_argument("--out", default="bench/results/agent.json")
+    ag.set_defaults(handler=_bench_agent)
+
     from tools import flash_tool
 
     flash_tool.add_parser(sub, _flash)
+
+    from tools import fleet
+
+    fleet.add_parser(sub)
+
+    from tools import console_client
+
+    console_client.add_parser(sub)
 
     from tools import plan_cmd
 

@@ -1,4 +1,4 @@
-"""A provisioned agent process on ptys, and a meter the test speaks for, for runtime tests.
+"""A provisioned agent process on ptys, and meters the caller speaks for: tests and benches.
 
 ``AgentProc`` provisions a fleet of one in a directory (``tools.fleet``),
 makes two pty pairs (the console UART and the hplc link), starts
@@ -42,7 +42,8 @@ CLIENT = 0x01
 
 
 class AgentProc:
-    def __init__(self, directory: Path, *, meters: int = 8, board: str = "host", seed: int = 3):
+    def __init__(self, directory: Path, *, meters: int = 8, board: str = "host", seed: int = 3,
+                 hplc: str | None = None, python: list[str] | None = None):
         self.dir = directory
         self.fleet = provision_fleet(directory, terminals=1, meters=meters, board_name=board,
                                      seed=seed)
@@ -56,14 +57,16 @@ class AgentProc:
         for fd in (console_s, self.link_m, self.console_m):
             tty.setraw(fd)
         self._slaves = (console_s, link_s)
-        self.console_path, self.link_path = os.ttyname(console_s), os.ttyname(link_s)
+        self.console_path = os.ttyname(console_s)
+        self.link_path = hplc or os.ttyname(link_s)  # a PLC channel's end, or our own pty
+        self.python = python or [sys.executable]
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = directory / "agent.stderr"
         self._console_buf = bytearray()
         self._stderr_mark = 0
 
     def args(self, *, board: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
-        return [sys.executable, "-m", "agent", "--board", board or self.board, "--node", "ecd-00",
+        return [*self.python, "-m", "agent", "--board", board or self.board, "--node", "ecd-00",
                 "--flash", str(self.image), "--trust", str(self.dir / "utility.pub"),
                 "--device-key", self.device_key, "--links", f"console={self.console_path}",
                 f"hplc={self.link_path}", *extra]
@@ -154,10 +157,12 @@ class TestMeter:
 
     __test__ = False  # not a test class
 
-    def __init__(self, agent: AgentProc, index: int, *, seed: int = 0):
+    def __init__(self, agent: AgentProc, index: int, *, seed: int = 0,
+                 link_fd: int | None = None):
         import random
         row = agent.meters[index]
         self.agent = agent
+        self.link_fd = agent.link_m if link_fd is None else link_fd
         self.keys = MeterKeys(bytes.fromhex(row["id"]), bytes.fromhex(row["factory_key"]),
                               entropy=random.Random(f"meter {index} {seed}").randbytes)
         self.decoder = FrameDecoder()
@@ -172,7 +177,7 @@ class TestMeter:
                                   ServerAddress(self.meter_id), client, apdu))
 
     def send_raw(self, data: bytes) -> None:
-        os.write(self.agent.link_m, data)
+        os.write(self.link_fd, data)
 
     def answer(self, timeout: float = 15.0) -> mp.AckAnswer | mp.NakAnswer | None:
         deadline = time.monotonic() + timeout
@@ -184,9 +189,9 @@ class TestMeter:
                 continue
             if event is not NEED_DATA:
                 continue
-            r, _, _ = select.select([self.agent.link_m], [], [], 0.1)
+            r, _, _ = select.select([self.link_fd], [], [], 0.1)
             if r:
-                self.decoder.receive_data(os.read(self.agent.link_m, 65536))
+                self.decoder.receive_data(os.read(self.link_fd, 65536))
         return None
 
     def request(self, event: object) -> mp.AckAnswer | mp.NakAnswer | None:
