@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# pyright, MicroPython's WebAssembly port and micropython-unix-stubs for the meter code's checks
+MPY_STAMP := $(or $(EDGEKEY_CACHE),$(HOME)/.cache/edgekey)/micropython/.installed
 
 .PHONY: setup test test-host test-arm lint demo bench bench-arm clean
 
@@ -21,7 +23,10 @@ $(STAMP): pyproject.toml tools/setup-host.sh
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test-host: $(STAMP)
+$(MPY_STAMP): tools/setup-micropython.sh | $(STAMP)
+	tools/setup-micropython.sh >/dev/null
+
+test-host: $(STAMP) $(MPY_STAMP)
 	$(PY) -m pytest -q
 
 test-arm: $(STAMP)

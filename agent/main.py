@@ -565,6 +565,13 @@ def main(argv: list[str] | None = None) -> int:
     except BootError as exc:
         print(f"edgekey agent: refused to start: {exc}", file=sys.stderr)
         return 1
+    except MemoryError:
+        # RLIMIT_DATA (hal.ram) stopped the boot: the chain's index does not fit.
+        budget_mib = load_board(board_path(opts.board)).ram.agent_budget_mib
+        print(f"edgekey agent: refused to start: booting {opts.flash} needs more RAM than the "
+              f"board's agent budget of {budget_mib} MiB: the chain's meter index does not fit",
+              file=sys.stderr)
+        return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.request_stop(0))
     status = agent.serve()

@@ -259,7 +259,12 @@ def boot_time(work: Path, meters: int, *, python: list[str], seed: int) -> dict[
     try:
         built = lay_chain(agent, meters)
         t0 = time.monotonic()
-        agent.start()
+        try:
+            agent.start()
+        except RuntimeError:
+            refusal = [x for x in agent.stderr().splitlines() if "refused to start" in x]
+            return {"meters": meters, "refused": refusal[-1] if refusal else agent.stderr()[-500:],
+                    "build": built}
         body, status = agent.console("status")
         ready_s = time.monotonic() - t0
         assert status == "OK", body
@@ -335,7 +340,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def run(*, meters: int = 300, latency_meters: int = 100, offered_per_s: float = 20.0,
         rates: tuple[float, ...] = (50, 100, 200, 400), seconds: float = 4.0,
-        boot_sizes: tuple[int, ...] = (10_000, 1_000_000), arm: bool = False,
+        boot_sizes: tuple[int, ...] = (10_000, 100_000, 500_000, 1_000_000), arm: bool = False,
         channel_rates: tuple[float, ...] = (25, 128), seed: int = 1,
         workdir: str | None = None) -> dict[str, Any]:
     python = ARM_PYTHON if arm else [sys.executable]
@@ -376,6 +381,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     out.append(("console round trip (ledger height)",
                 f"p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms"))
     for b in r["boot"]:
+        if "refused" in b:
+            out.append((f"boot, {b['meters']:,} meters on the chain", b["refused"]))
+            continue
         out.append((f"boot to console-ready, {b['meters']:,} meters on the chain",
                     f"{b['console_ready_s']:.2f} s (agent boot {b['agent_boot_s']:.2f} s), "
                     f"RSS {b['rss_mib']:.0f} MiB"))

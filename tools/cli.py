@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rotations per second offered, one run each (open loop)")
     ag.add_argument("--seconds", type=float, default=4.0, help="length of each rate's run")
     ag.add_argument("--channel-rates", default="25,128", help="PLC channel rates, KByte/s")
-    ag.add_argument("--boot-sizes", default="1e4,1e6", help="meters on the chain at boot")
+    ag.add_argument("--boot-sizes", default="1e4,1e5,5e5,1e6", help="meters on the chain at boot")
     ag.add_argument("--arm", action="store_true",
                     help="run the agent under qemu-arm-static (Debian armhf python3)")
     ag.add_argument("--seed", type=int, default=1)

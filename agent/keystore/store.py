@@ -346,6 +346,11 @@ class KeyStore:
 
     # ------------------------------------------------------------ opening
 
+    @property
+    def log(self) -> RecordLog:
+        """The record log under the store, for flash reports (use, wear); read it, never write."""
+        return self._log
+
     def _replay(self) -> tuple[int, int]:
         """Rebuild the index from the log: (records scanned, newest record a tombstone kills).
 
