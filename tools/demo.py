@@ -12,7 +12,9 @@ its keys encrypted in the keystore partition: register, rotate, export,
 migrate, revoke, a snapshot, a reboot); the paper's 300-meter layout is
 planned (Figures 4 and 5 beside the paper's variances) and meters then join
 and leave through the terminal's re-homing core, which answers with the
-migrations the ledger will have to confirm.
+migrations the ledger will have to confirm; last, the running agent: a
+fleet of one (``edgekey fleet up``) with 20 emulated meters on a PLC
+channel, its console, a kill -9 and the restart that loses nothing.
 """
 
 from __future__ import annotations
@@ -315,6 +317,64 @@ def placement_step(out: Path) -> None:
           f"now {m.meters} meters on {m.terminals} terminals, max load {m.max_load} (cap 25)")
 
 
+FLEET_SHOW = ("status", "ledger tail -n 3", "keys history 000000000001", "place", "route",
+              "flash", "mem", "log -n 2")
+
+
+def fleet_step(out: Path, board_name: str) -> None:
+    """The running agent: a fleet of one up, its console, meters at work, kill -9, restart."""
+    import argparse
+    import json
+    import os
+    import signal
+
+    from tools import fleet
+    from tools.console_client import ConsoleClient
+
+    d = out / "fleet"
+    if (d / "fleet.json").exists():
+        fleet.down(d)
+    import shutil
+    shutil.rmtree(d, ignore_errors=True)
+    args = argparse.Namespace(dir=d, terminals=1, meters=20, board=board_name, seed=1,
+                              rate_kbyte_s=None, latency_ms=20.0, ber=0.0, loss=0.0,
+                              reading_every=1.0, rotate_every=3.0, start_spread=1.0,
+                              log_level="info")
+    try:
+        if fleet.up(args) != 0:
+            raise RuntimeError("edgekey fleet up failed")
+        t = json.loads((d / "fleet.json").read_text())["terminals"][0]
+        time.sleep(6)  # the meters register, read and rotate
+        with ConsoleClient(t["console"]) as c:
+            for cmd in FLEET_SHOW:
+                r = c.run(cmd)
+                print(f"edgekey:~$ {cmd}\n{r.body}\n{r.status}")
+            meters = json.loads(c.run("meters --json").body.splitlines()[-1])["meters"]
+            before = {m: json.loads(c.run(f"keys get {m} --json").body.splitlines()[-1])
+                      for m in meters}
+        acks = sum(m["acks"] for m in meters.values())
+        readings = sum(m["readings"] for m in meters.values())
+        print(f"{len(meters)} meters over the PLC channel: {acks} acknowledgements, "
+              f"{readings} readings accepted")
+        print(f"kill -9 {t['pid']} (the agent, meters still rotating), then fleet up again")
+        os.kill(t["pid"], signal.SIGKILL)
+        time.sleep(0.5)
+        if fleet.up(args) != 0:
+            raise RuntimeError("the restart failed")
+        t = json.loads((d / "fleet.json").read_text())["terminals"][0]
+        with ConsoleClient(t["console"]) as c:
+            print(f"ledger verify: {c.run('ledger verify').status}")
+            kept = 0
+            for m, got in before.items():
+                now = json.loads(c.run(f"keys get {m} --json").body.splitlines()[-1])
+                kept += now["key_version"] >= got["key_version"] and now["key_held_here"]
+        print(f"after the restart: {kept}/{len(before)} meters at or past the key version "
+              "they had, each key in the store")
+    finally:
+        if (d / "fleet.json").exists():
+            fleet.down(d)
+
+
 def run(out: str, board: str = "host") -> int:
     b = load_board(board_path(board))
     _say(f"board {b.name}: {b.source}")
@@ -333,6 +393,8 @@ def run(out: str, board: str = "host") -> int:
     lifecycle_step(Path(out) / "flash.img", board)
     _say("placement: the paper's layout planned, then meters join and leave")
     placement_step(Path(out))
+    _say("the running agent: a fleet of one with 20 emulated meters over a PLC channel")
+    fleet_step(Path(out), board)
     _say("RAM at the end")
     print(budget.check())
     return 0
