@@ -105,15 +105,15 @@ class AgentProc:
         os.write(self.console_m, line.encode() + b"\r")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            buf = bytes(self._console_buf)
+            buf = b"\r\n" + bytes(self._console_buf)  # a status line may open the buffer
             for status in (b"\r\nOK\r\n", b"\r\nERR "):
                 i = buf.find(status)
                 if i >= 0:
                     end = buf.find(PROMPT, i)
                     if end >= 0:
-                        body = buf[:i].decode()
+                        body = buf[2:i].decode() if i >= 2 else ""
                         status_line = buf[i + 2:end].decode().strip()
-                        del self._console_buf[:end + len(PROMPT)]
+                        del self._console_buf[:end - 2 + len(PROMPT)]
                         body = body.split(PROMPT.decode())[-1]
                         lines = [x for x in body.split("\r\n") if x != line]
                         return "\n".join(lines).strip("\n"), status_line

@@ -219,20 +219,24 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _run_one(client: ConsoleClient, line: str, status_out: object) -> int:
+    """Run one line, print its body and (to ``status_out``) its status; 0 OK, 1 ERR."""
+    try:
+        result = client.run(line)
+    except ValueError as exc:
+        print(f"edgekey console: {line!r}: {exc}", file=sys.stderr)
+        return 1
+    if result.body:
+        print(result.body)
+    if status_out is not None and (status_out is sys.stdout or not result.ok):
+        print(result.status, file=status_out)  # type: ignore[arg-type]
+    return 0 if result.ok else 1
+
+
 def _run_commands(client: ConsoleClient, commands: list[str]) -> int:
     status = 0
     for line in commands:
-        try:
-            result = client.run(line)
-        except ValueError as exc:
-            print(f"edgekey console: {line!r}: {exc}", file=sys.stderr)
-            status = 1
-            continue
-        if result.body:
-            print(result.body)
-        if not result.ok:
-            print(result.status, file=sys.stderr)
-        status = 0 if result.ok else 1
+        status = _run_one(client, line, sys.stderr)
     return status
 
 
@@ -252,16 +256,7 @@ def _interactive(client: ConsoleClient) -> int:
             line = line.rstrip("\r\n")
         if not line.strip(" "):
             continue
-        try:
-            result = client.run(line)
-        except ValueError as exc:
-            print(f"edgekey console: {exc}", file=sys.stderr)
-            status = 1
-            continue
-        if result.body:
-            print(result.body)
-        print(result.status)
-        status = 0 if result.ok else 1
+        status = _run_one(client, line, sys.stdout)
 
 
 __all__ = ["MAX_LINE", "PROMPT", "ConsoleClient", "ConsoleError", "ConsoleTimeout", "Result",
