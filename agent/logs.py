@@ -74,5 +74,8 @@ class ToEventLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         level = record.levelname.lower()
-        self.log.event(f"log.{record.name}", level if level in LEVELS else "error",
-                       message=record.getMessage())
+        try:
+            self.log.event(f"log.{record.name}", level if level in LEVELS else "error",
+                           message=record.getMessage())
+        except Exception:  # a log line must never break the code that logs it
+            self.handleError(record)

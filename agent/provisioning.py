@@ -35,6 +35,7 @@ from agent.ledger.block import Block, decode_block, encode_block
 from agent.ledger.codec import DecodeError
 from agent.ledger.identity import TerminalIdentity
 from hal.blockdev import BlockDevice
+from hal.board import Flash
 from hal.recordlog import RecordLog
 
 FORMAT = "edgekey-provisioning/1"
@@ -74,6 +75,7 @@ class Provisioning:
 
     fleet: str
     board: str
+    flash_layout: str  # flash_layout() of the board the images were made for
     issued_ms: int
     genesis: Block
     terminals: tuple[TerminalEntry, ...]
@@ -99,6 +101,13 @@ class Secrets:
     transport: X25519PrivateKey
 
 
+def flash_layout(flash: Flash) -> str:
+    """The flash map an image is laid out in (size, erase block, partitions): what must
+    match for a board to open the image, whatever the board is called."""
+    parts = ",".join(f"{p.name}@{p.offset_mib}+{p.size_mib}" for p in flash.partitions)
+    return f"{flash.size_mib}MiB/{flash.erase_block_kib}KiB:{parts}"
+
+
 def _canonical(document: dict) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
@@ -110,7 +119,7 @@ def sign(document: dict, utility_key: Ed25519PrivateKey) -> bytes:
                       sort_keys=True).encode()
 
 
-def document_for(*, fleet: str, board: str, issued_ms: int, genesis: Block,
+def document_for(*, fleet: str, board: str, layout: str, issued_ms: int, genesis: Block,
                  terminals: list[TerminalEntry], meters: list[tuple[bytes, str, tuple[float, float],
                                                                    bytes]],
                  entropy: Callable[[int], bytes] = os.urandom) -> dict:
@@ -122,7 +131,8 @@ def document_for(*, fleet: str, board: str, issued_ms: int, genesis: Block,
                                requester_id=home.encode(), allow_list=allow, entropy=entropy)
         rows.append({"id": meter_id.hex(), "home": home, "xy": list(xy),
                      "factory_key": sealed.hex()})
-    return {"format": FORMAT, "fleet": fleet, "board": board, "issued_ms": issued_ms,
+    return {"format": FORMAT, "fleet": fleet, "board": board, "flash_layout": layout,
+            "issued_ms": issued_ms,
             "genesis": encode_block(genesis).hex(),
             "terminals": [{"id": t.terminal_id, "identity": t.identity_public.hex(),
                            "transport": t.transport_public.hex(), "site": list(t.site),
@@ -150,7 +160,7 @@ def verify(data: bytes, trusted: bytes) -> Provisioning:
                                     f"expected {FORMAT!r}")
         return Provisioning(
             fleet=str(document["fleet"]), board=str(document["board"]),
-            issued_ms=int(document["issued_ms"]),
+            flash_layout=str(document["flash_layout"]), issued_ms=int(document["issued_ms"]),
             genesis=decode_block(bytes.fromhex(document["genesis"])),
             terminals=tuple(TerminalEntry(str(t["id"]), bytes.fromhex(t["identity"]),
                                           bytes.fromhex(t["transport"]),

@@ -63,6 +63,10 @@ class Terminal:
         """One event into the node core; the actions meant for the outside, in order."""
         return self._carry_out(self.node.handle(event, self.clock()))
 
+    def feed_many(self, events: list[ev.Event]) -> list[Action]:
+        """Events that arrived together (``Node.handle_many``: they share one round)."""
+        return self._carry_out(self.node.handle_many(events, self.clock()))
+
     def deliver(self, block: Block) -> list[Action]:
         """An ordered block: append it to flash (validating it), then tell the node core."""
         try:

@@ -19,7 +19,8 @@ from emulator.agent_harness import AgentProc, TestMeter
 def test_the_agent_loop_serves_a_meter_and_the_console(tmp_path: Path):
     a = AgentProc(tmp_path, meters=3)
     opts = Options("host", "ecd-00", a.image, {"console": a.console_path, "hplc": a.link_path},
-                   tmp_path / "utility.pub", Path(a.device_key), True, "warning", 0x01)
+                   tmp_path / "utility.pub", Path(a.device_key), True, "warning", 0x01,
+                   enforce_ram=False)  # the budget is the process's: not this test runner's
     agent = Agent(opts, [])
     loop = threading.Thread(target=agent.serve, daemon=True)
     loop.start()

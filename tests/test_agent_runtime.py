@@ -147,9 +147,15 @@ def test_refusals_leave_the_image_untouched(agent, tmp_path):
     digest = image_digest(agent.image)
     r = agent.run_once()
     assert r.returncode == 1 and "blank" in r.stderr
-    # Injected: the right image under another board's file.
-    r = agent.run_once("--format", board="pl-terminal")
-    assert r.returncode == 1 and "board" in r.stderr
+    # Injected: the image under a board whose flash map differs (the ledger moved).
+    from hal.board import board_path
+    other_board = tmp_path / "moved.toml"
+    other_board.write_text(board_path("host").read_text().replace(
+        'name = "ledger"\noffset_mib = 272\nsize_mib = 512',
+        'name = "ledger"\noffset_mib = 274\nsize_mib = 510'))
+    assert "offset_mib = 274" in other_board.read_text()
+    r = agent.run_once("--format", board=str(other_board))
+    assert r.returncode == 1 and "flash map" in r.stderr, r.stderr
     # Injected: another utility's trust key.
     other = tmp_path / "other.pub"
     other.write_text(hashlib.sha256(b"other").hexdigest() + "\n")

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="meters registering through each channel")
     ag.add_argument("--offered", type=float, default=20.0,
                     help="registrations per second offered through a channel (open loop)")
-    ag.add_argument("--rates", default="50,100,200,400",
+    ag.add_argument("--rates", default="50,100,200,400,800,1600",
                     help="rotations per second offered, one run each (open loop)")
     ag.add_argument("--seconds", type=float, default=4.0, help="length of each rate's run")
     ag.add_argument("--channel-rates", default="25,128", help="PLC channel rates, KByte/s")

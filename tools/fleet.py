@@ -134,7 +134,8 @@ def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name:
     factory = {meter_id(i): _derive(seed, f"factory {i}") for i in range(meters)}
     rows = [(meter_id(i), ids[int(p.assign[i])], (float(points[i, 0]), float(points[i, 1])),
              factory[meter_id(i)]) for i in range(meters)]
-    document = prov.document_for(fleet=directory.name, board=board.name, issued_ms=now_ms,
+    document = prov.document_for(fleet=directory.name, board=board.name,
+                                 layout=prov.flash_layout(board.flash), issued_ms=now_ms,
                                  genesis=block0, terminals=entries, meters=rows)
     signed = prov.sign(document, utility)
     (directory / "provisioning.json").write_bytes(signed)

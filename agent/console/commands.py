@@ -256,8 +256,9 @@ def build_commands(agent: Agent) -> list[Command]:
         lim = agent.ram_limit
         data = {"rss_bytes": u.rss_bytes, "peak_rss_bytes": u.peak_rss_bytes,
                 "data_bytes": u.data_bytes, "budget_bytes": u.budget_bytes,
-                "fraction": round(u.fraction, 4), "rlimit_data_soft": lim.soft_bytes,
-                "enforced": lim.effective, "source": u.source}
+                "fraction": round(u.fraction, 4),
+                "rlimit_data_soft": lim.soft_bytes if lim else None,
+                "enforced": bool(lim and lim.effective), "source": u.source}
         return Reply(str(u), data)
 
     def log_(args: list[str], call: Call) -> Reply:

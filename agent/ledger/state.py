@@ -1,13 +1,13 @@
 """What the chain says now: the meter table, the membership and the tip.
 
 This is what the rules check a block against, kept in RAM. The meter table
-must hold 10^6 meters on a 512 MB terminal, so an entry is not an object:
-it is one packed 65-byte ``bytes`` (status, key version, fingerprint, home as
-an index into the terminal list, counter, height, tx index, record id) under
-the meter id in a dict, and is unpacked into a ``MeterEntry`` only when read
-(about 180-190 bytes per meter in all, measured with tracemalloc over 10^6
-meters, against about 280 for a tuple per meter). Updates are O(1);
-nothing here walks the chain or the table.
+must hold 10^6 meters inside the agent's 192 MiB RAM budget, so an entry is
+not an object: it is one packed 65-byte record (status, key version,
+fingerprint, home as an index into the terminal list, counter, height, tx
+index, record id) in ``metertable.MeterTable``'s buckets, unpacked into a
+``MeterEntry`` only when read (about 95 bytes a meter in all, against about
+190 for a dict of packed bytes and 280 for a tuple per meter). Updates are
+O(1); nothing here walks the chain or the table.
 
 Ids come in as ``hal.ids.MeterId`` / ``TerminalId`` (what the decoders make)
 or plain values; the table stores plain ``bytes`` and ``str``. A subclass
@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.ledger.codec import HASH_LEN
 from agent.ledger.identity import load_public_key
+from agent.ledger.metertable import MeterTable
 
 # Active terminals at once: each may endorse a block, and a block holds at
 # most block.MAX_ENDORSEMENTS (1024) endorsements.
@@ -103,7 +104,7 @@ class LedgerState:
                  "genesis_hash", "tip")
 
     def __init__(self) -> None:
-        self._meters: dict[bytes, bytes] = {}
+        self._meters = MeterTable(_ENTRY.size)
         self._terminals: dict[str, TerminalInfo] = {}
         self._names: list[str] = []  # home index -> terminal id
         self._home_index: dict[str, int] = {}
@@ -128,7 +129,7 @@ class LedgerState:
 
     def meter_ids(self) -> Iterator[bytes]:
         """Every meter id (for snapshots; the table must not change while iterating)."""
-        return iter(self._meters)
+        return iter(self._meters)  # plain bytes ids, made as the table is walked
 
     def terminal(self, terminal_id: str) -> TerminalInfo | None:
         return self._terminals.get(terminal_id)
@@ -164,9 +165,9 @@ class LedgerState:
         if len(entry.fingerprint) != HASH_LEN:
             raise ValueError("fingerprint must be 32 bytes")
         # plain bytes as the key: a MeterId key costs 17 bytes more per meter (module doc)
-        self._meters[bytes(meter_id)] = _ENTRY.pack(
+        self._meters.put(bytes(meter_id), _ENTRY.pack(
             entry.status, entry.key_version, entry.fingerprint, self._home_index[entry.home],
-            entry.counter, entry.height, entry.tx_index, entry.seq)
+            entry.counter, entry.height, entry.tx_index, entry.seq))
 
     def add_terminal(self, terminal_id: str, public_key: bytes, height: int) -> None:
         terminal_id = str(terminal_id)  # plain str, as for meter ids (module doc)

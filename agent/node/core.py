@@ -22,7 +22,7 @@ retried ``max_rounds`` times), conflict and reading-counter tables capped.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -177,12 +177,18 @@ class Node:
 
     def handle(self, event: ev.Event, at: ev.Time) -> list[Action]:
         """Take one event; return what the runtime must do, in order."""
+        return self.handle_many((event,), at)
+
+    def handle_many(self, events: Sequence[ev.Event], at: ev.Time) -> list[Action]:
+        """Take events that arrived together (one read of a link) and then start one round,
+        so requests that came at once share a block instead of taking one each."""
         out: list[Action] = []
-        handler = _HANDLERS.get(type(event))
-        if handler is None:
-            raise LocalProtocolError(f"not a node event: {type(event).__name__}")
-        self._count(f"event.{type(event).__name__}")
-        handler(self, event, at, out)
+        for event in events:
+            handler = _HANDLERS.get(type(event))
+            if handler is None:
+                raise LocalProtocolError(f"not a node event: {type(event).__name__}")
+            self._count(f"event.{type(event).__name__}")
+            handler(self, event, at, out)
         self._expire(at, out)
         self._start_round(at, out)
         return out
