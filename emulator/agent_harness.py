@@ -122,6 +122,26 @@ class AgentProc:
                 self._console_buf += os.read(self.console_m, 65536)
         raise TimeoutError(f"console: no status for {line!r}; read {bytes(self._console_buf)!r}")
 
+    def resync(self, timeout: float = 20.0) -> None:
+        """Skip whatever the console still has to say (answers to junk): send a unique unknown
+        command and read up to its ENOEXEC and the prompt after it."""
+        self._resyncs = getattr(self, "_resyncs", 0) + 1
+        token = f"resync{self._resyncs}"
+        os.write(self.console_m, b"\x03\x15" + token.encode() + b"\r")
+        mark = f"{token}: command not found".encode()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            i = self._console_buf.find(mark)
+            if i >= 0:
+                end = self._console_buf.find(PROMPT, i)
+                if end >= 0:
+                    del self._console_buf[:end + len(PROMPT)]
+                    return
+            r, _, _ = select.select([self.console_m], [], [], 0.2)
+            if r:
+                self._console_buf += os.read(self.console_m, 65536)
+        raise TimeoutError(f"console: no answer to {token}")
+
     def console_json(self, line: str) -> object:
         body, status = self.console(line + " --json")
         assert status == "OK", (line, body, status)

@@ -7,10 +7,13 @@ on every path. Fault tests say what they injected and what survived.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent import meterproto as mp
 from agent.keystore.material import make_rotation_proof, new_key
@@ -186,3 +189,26 @@ def test_refusals_leave_the_image_untouched(agent, tmp_path):
     r = agent.run_once()
     assert r.returncode == 1 and "damaged" in r.stderr, r.stderr
     assert image_digest(agent.image) == digest
+
+
+@pytest.fixture(scope="module")
+def running_agent(tmp_path_factory):
+    a = AgentProc(tmp_path_factory.mktemp("fuzz"), meters=2)
+    try:
+        a.start("--format")
+        yield a
+    finally:
+        a.close()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=3000), st.sampled_from([b"", b"\r", b"\n", b"\r\n"]))
+def test_the_agents_console_survives_any_bytes_and_still_answers(running_agent, junk, end):
+    """Injected: any bytes of any length on the console UART. Survives: the agent, which
+    answers the next command OK (and the chain, untouched)."""
+    os.write(running_agent.console_m, junk + end)
+    running_agent.resync()
+    body, status = running_agent.console("ledger height")
+    assert status == "OK" and body.strip() == "0"
+    assert running_agent.proc is not None and running_agent.proc.poll() is None
