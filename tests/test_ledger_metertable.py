@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.ledger.metertable import GROW_AT, INITIAL_BUCKETS, MeterTable
+from agent.ledger.metertable import GROW_AT, INITIAL_BUCKETS, MeterSet, MeterTable
 
 ENTRY = 3  # small, so a key often appears inside other records' bytes (unaligned matches)
 # Ids over a two-byte alphabet: prefixes, zero padding look-alikes and ids embedded in entries.
@@ -47,3 +47,17 @@ def test_what_is_not_a_meter_id_is_not_in_the_table_and_cannot_be_put():
         t.put(b"", b"abc")
     with pytest.raises(ValueError):
         t.put(b"x", b"ab")  # wrong entry size
+
+
+@given(st.lists(st.tuples(st.booleans(), ids), max_size=300))
+def test_a_meter_set_agrees_with_a_set(ops):
+    ours, model = MeterSet(), set()
+    for add, meter_id in ops:
+        if add:
+            ours.add(meter_id)
+            model.add(meter_id)
+        else:
+            ours.discard(meter_id)
+            model.discard(meter_id)
+        assert (meter_id in ours) == (meter_id in model)
+    assert ours == model and len(ours) == len(model) and sorted(ours) == sorted(model)

@@ -21,7 +21,7 @@ iterated (the caller's contract, as for a dict).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 ID_MAX = 16  # hal.ids.METER_ID_MAX: the DL/T 698.45 server address
 KEY_BYTES = 1 + ID_MAX
@@ -88,6 +88,19 @@ class MeterTable:
         if self._count > GROW_AT * len(self._buckets):
             self._grow()
 
+    def discard(self, meter_id: bytes) -> bool:
+        """Remove the meter; False when it was not there."""
+        if not 1 <= len(meter_id) <= ID_MAX:
+            return False
+        key = _key(meter_id)
+        bucket = self._buckets[zlib.crc32(key) & self._mask]
+        pos = self._find(bucket, key)
+        if pos < 0:
+            return False
+        del bucket[pos:pos + self._record]
+        self._count -= 1
+        return True
+
     def _grow(self) -> None:
         size = 2 * len(self._buckets)
         mask = size - 1
@@ -112,3 +125,42 @@ class MeterTable:
             for pos in range(0, len(bucket), rec):
                 yield (bytes(bucket[pos + 1:pos + 1 + bucket[pos]]),
                        bytes(bucket[pos + KEY_BYTES:pos + rec]))
+
+
+class MeterSet:
+    """A set of meter ids at 17 bytes each (a ``MeterTable`` of empty entries), for sets that
+    can hold every meter of the chain, such as the keys a terminal still has to receive."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, meter_ids: Iterable[bytes] = ()) -> None:
+        self._table = MeterTable(0)
+        for m in meter_ids:
+            self.add(m)
+
+    def add(self, meter_id: bytes) -> None:
+        self._table.put(meter_id, b"")
+
+    def discard(self, meter_id: bytes) -> None:
+        self._table.discard(meter_id)
+
+    def __contains__(self, meter_id: object) -> bool:
+        return isinstance(meter_id, bytes | bytearray) and bytes(meter_id) in self._table
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._table)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MeterSet):
+            return set(self) == set(other)
+        if isinstance(other, set | frozenset):
+            return set(self) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like set
+
+    def __repr__(self) -> str:
+        return f"MeterSet({len(self)} meters)"

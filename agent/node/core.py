@@ -45,6 +45,7 @@ from agent.keystore.store import (
 from agent.ledger.block import Block, endorse, header_hash, verify_endorsement, with_endorsements
 from agent.ledger.codec import ZERO_HASH
 from agent.ledger.identity import TerminalIdentity
+from agent.ledger.metertable import MeterSet
 from agent.ledger.rules import PlacementOracle, Reason, check_proposal, propose_block
 from agent.ledger.state import LedgerState, MeterEntry, MeterStatus
 from agent.ledger.tx import (
@@ -170,7 +171,8 @@ class Node:
         self._handover_due: dict[bytes, float] = {}  # meter -> when to send its key again
         self._receiving: dict[bytes, str] = {}  # meter -> old home whose key we stored
         self._reading_counters: OrderedDict[bytes, int] = OrderedDict()
-        self.pending_keys: set[bytes] = set()  # chain names a key this store lacks
+        # Chain names a key this store lacks: as many as the meters homed here, so 17 bytes each.
+        self.pending_keys = MeterSet()
         self.counters: dict[str, int] = {}
 
     # ================================================================ entry
@@ -198,7 +200,7 @@ class Node:
         from agent.node.reconcile import reconcile  # reconcile uses this module's types
         out: list[Action] = []
         plan = reconcile(self.ledger, self.keys, self.self_id)
-        self.pending_keys = set(plan.pending)
+        self.pending_keys = MeterSet(plan.pending)
         for meter_id, home, version in plan.hand_over:
             self._handovers[meter_id] = (home, version)
             out.append(SendKey(home, meter_id, version))
@@ -678,10 +680,13 @@ class Node:
                 out.append(StoreKey(late.prepared))
             else:
                 self._others_change(tx, change.entry, out)
-        for meter_id in [m for m in self.pending_keys
-                         if (entry := self.ledger.meter(m)) is None
-                         or entry.status is not MeterStatus.LIVE or entry.home != self.self_id]:
-            self.pending_keys.discard(meter_id)
+        # Only this block's meters can have stopped being pending: O(block), not O(pending).
+        for change in changes.meters:
+            meter_id = change.meter_id
+            if meter_id in self.pending_keys and (
+                    (entry := self.ledger.meter(meter_id)) is None
+                    or entry.status is not MeterStatus.LIVE or entry.home != self.self_id):
+                self.pending_keys.discard(meter_id)
 
     def _applied(self, op: Operation, height: int, out: list[Action]) -> None:
         if op in self._queue:
