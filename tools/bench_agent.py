@@ -263,8 +263,9 @@ def boot_time(work: Path, meters: int, *, python: list[str], seed: int) -> dict[
         try:
             agent.start()
         except RuntimeError:
-            lines = [x for x in agent.stderr().splitlines() if "refused to start" in x]
-            refused = lines[-1] if lines else agent.stderr()[-500:]
+            err = agent.stderr().splitlines()
+            lines = [x for x in err if "refused to start" in x]
+            refused = lines[-1] if lines else f"the agent exited: {err[-1] if err else '?'}"
             if "RAM" not in refused:
                 return {"meters": meters, "refused": refused, "build": built}
             # What it would take: the same image under the same board with a raised budget.

@@ -200,7 +200,7 @@ class Node:
         from agent.node.reconcile import reconcile  # reconcile uses this module's types
         out: list[Action] = []
         plan = reconcile(self.ledger, self.keys, self.self_id)
-        self.pending_keys = MeterSet(plan.pending)
+        self.pending_keys = plan.pending
         for meter_id, home, version in plan.hand_over:
             self._handovers[meter_id] = (home, version)
             out.append(SendKey(home, meter_id, version))

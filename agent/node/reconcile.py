@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent.keystore.store import MeterStatus as StoreStatus
+from agent.ledger.metertable import MeterSet
 from agent.ledger.state import LedgerState, MeterStatus
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 class Reconciliation:
     erase: list[bytes] = field(default_factory=list)  # orphans and committed revokes
     hand_over: list[tuple[bytes, str, int]] = field(default_factory=list)  # (meter, home, v)
-    pending: list[bytes] = field(default_factory=list)  # chain's key not held here yet
+    # chain's key not held here yet: up to every meter homed here, so 17 bytes each
+    pending: MeterSet = field(default_factory=MeterSet)
     ahead: list[bytes] = field(default_factory=list)  # store newer than chain: a fault
 
 
@@ -48,10 +50,10 @@ def reconcile(ledger: LedgerState, keys: KeyPort, self_id: str) -> Reconciliatio
             if newest > entry.key_version:
                 plan.ahead.append(meter_id)
             elif newest < entry.key_version:
-                plan.pending.append(meter_id)
+                plan.pending.add(meter_id)
     for meter_id in ledger.meter_ids():
         entry = ledger.meter(meter_id)
         if (entry is not None and entry.status is MeterStatus.LIVE and entry.home == self_id
                 and keys.status(meter_id) is not StoreStatus.LIVE):
-            plan.pending.append(meter_id)
+            plan.pending.add(meter_id)
     return plan
