@@ -220,6 +220,9 @@ class Pump:
         if timeout is not None and timeout < 0:
             raise PumpError(f"timeout must be >= 0 or None, got {timeout}")
         now = self._clock()
+        # Bytes that arrived while the caller worked go in before the timers run: a frame
+        # whose rest sits unread in the kernel must not be cut off by its idle gap.
+        self._read_ready(now)
         self._tick(now)  # timers that fell due while the caller worked
         self._fill(now)
         self._write_fdless(now)
@@ -244,6 +247,13 @@ class Pump:
         self._fill(now)
         self._write_fdless(now)
         return self._collect()
+
+    def _read_ready(self, now: float) -> None:
+        for key, mask in self._selector.select(0):
+            data = key.data
+            if (isinstance(data, _Link) and mask & selectors.EVENT_READ
+                    and self._links.get(data.name) is data and data.active()):
+                self._read(data, now)
 
     def next_deadline(self) -> float | None:
         """The earliest time a session's timer or a paced write held back is due, or None."""

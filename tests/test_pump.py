@@ -25,6 +25,7 @@ from hal.linksession import (
     FrameReceived,
     LinkSession,
     LocalProtocolError,
+    Rejected,
     RemoteProtocolError,
     Reply,
     Resend,
@@ -341,3 +342,20 @@ def test_registration_mistakes_are_pump_errors():
         pump.close()
         with pytest.raises(PumpError, match="closed"):
             pump.run_once(0)
+
+
+def test_a_frame_finished_while_the_caller_worked_is_not_cut_off_by_its_idle_gap():
+    """Injected: the caller busy for longer than the idle gap while the rest of a frame
+    arrives. Survives: the frame (the bytes go in before the timers run)."""
+    clock = FakeClock()
+    with pty_links(1) as [(meter, port)], pump_of(clock=clock) as pump:
+        session = pump.add_link("hplc", port)
+        data = encode_frame(report_from(request_to(1)))
+        os.write(meter.fd, data[:10])
+        events = run_until(pump, lambda ev: session.counters().bytes_rx >= 10, [meter])
+        os.write(meter.fd, data[10:])  # the rest arrives ...
+        time.sleep(0.05)
+        clock.now += 1.0  # ... while the caller works far past the 0.1 s idle gap
+        events += run_until(pump, lambda ev: any(isinstance(e, FrameReceived) for _, e in ev),
+                            [meter])
+        assert not [e for _, e in events if isinstance(e, Rejected)]

@@ -81,6 +81,7 @@ class OpenLoop:
         self.latencies: list[float] = []
         self.naks: dict[int, int] = {}
         self.done = 0
+        self.last_ack = 0.0  # when the last ACK came: the rate ends there, not at a drain timeout
 
     def _send(self, meter_id: bytes, arrival: float, event: object) -> None:
         m = self.meters[meter_id]
@@ -112,7 +113,8 @@ class OpenLoop:
         arrival, event = self.busy.pop(meter_id)
         self.meters[meter_id].take(event, a)
         if isinstance(a, mp.AckAnswer):
-            self.latencies.append(time.monotonic() - arrival)
+            self.last_ack = time.monotonic()
+            self.latencies.append(self.last_ack - arrival)
             self.done += 1
         else:
             self.naks[a.reason] = self.naks.get(a.reason, 0) + 1
@@ -234,8 +236,10 @@ def throughput(work: Path, *, meters: int, rates: list[float], seconds: float,
                      30)
             elapsed = time.monotonic() - t0
             cpu1, rss = proc_sample(agent.proc.pid)
-            steps.append({"offered_per_s": rate, "committed": loop.done,
-                          "committed_per_s": loop.done / elapsed, "naks": loop.naks,
+            busy = max(loop.last_ack - t0, 1e-9)
+            steps.append({"offered_per_s": rate, "committed": loop.done, "offered": n,
+                          "committed_per_s": loop.done / busy, "naks": loop.naks,
+                          "unanswered": n - loop.done - sum(loop.naks.values()),
                           "latency": _pct(loop.latencies),
                           "cpu_percent": 100 * (cpu1 - cpu0) / elapsed,
                           "rss_mib": rss / (1 << 20)})
