@@ -73,6 +73,12 @@ def test_bad_frames_get_a_nak_with_their_reason_are_counted_and_commit_nothing(a
     assert isinstance(a, mp.NakAnswer) and a.reason == mp.LINK_REASON_BASE + Reason.BAD_FCS
     # Injected: another terminal's client address. Survives: no answer, counted.
     m.send_raw(m.frame(mp.encode_request(rotate), client=0x22))
+    # Injected: a meter address this terminal was never provisioned for. Survives: NAK
+    # NO_FACTORY_KEY, nothing registered.
+    stranger = TestMeter(agent, 1)
+    stranger.keys = type(m.keys)(b"\x99" * 6, bytes(32))
+    a = stranger.request(stranger.keys.register())
+    assert isinstance(a, mp.NakAnswer) and a.reason == Nak.NO_FACTORY_KEY
     # Injected: an APDU longer than any request. Survives: NAK BAD_APDU.
     m.send_raw(m.frame(mp.encode_request(rotate) + bytes(600)))
     a = m.answer()
