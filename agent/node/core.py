@@ -720,8 +720,13 @@ class Node:
             if held:
                 self._handovers[mid] = (entry.home, entry.key_version)
                 out.append(SendKey(entry.home, mid, entry.key_version))
-        elif entry.key_version not in self._held_versions(mid):
-            self.pending_keys.add(mid)  # from the old home (KeyReceived) or the meter's retry
+        else:
+            # Homed here (again): a hand-over of it still in flight is void, and its key stays.
+            if self._handovers.pop(mid, None) is not None:
+                self._count("handover.void")
+            self._handover_due.pop(mid, None)
+            if entry.key_version not in self._held_versions(mid):
+                self.pending_keys.add(mid)  # from the old home (KeyReceived) or the retry
 
     def _on_block_refused(self, e: ev.BlockRefused, at: ev.Time, out: list[Action]) -> None:
         rnd = self._round
@@ -746,7 +751,9 @@ class Node:
         out.append(StoreKey(PreparedKey(e.meter_id, e.key_version, e.key)))
 
     def _on_key_acknowledged(self, e: ev.KeyAcknowledged, at: ev.Time, out: list[Action]) -> None:
-        if self._handovers.get(e.meter_id) != (e.peer, e.key_version):
+        entry = self.ledger.meter(e.meter_id)
+        if (self._handovers.get(e.meter_id) != (e.peer, e.key_version) or entry is None
+                or entry.home != e.peer):  # erase only a key the chain has moved to the peer
             self._count("handover.stray_ack")
             return
         del self._handovers[e.meter_id]
