@@ -50,7 +50,7 @@ from agent.node.actions import (
     SubmitBlock,
 )
 from agent.node.core import NodeConfig
-from agent.terminal import Terminal
+from agent.terminal import Terminal, open_node_chain
 from hal.blockdev import FileBlockDevice, open_partition
 from hal.board import Board, BoardConfigError, board_path, load_board
 from hal.devicekey import DeviceKeyFileError, load_device_key
@@ -58,13 +58,12 @@ from hal.link import LinkOpenError, open_port
 from hal.linksession import FrameReceived, LinkSession, Rejected, Reply, Timeout
 from hal.pump import LinkDown, Pump
 from hal.ram import RamBudget
-from hal.recordlog import LogError, RecordLog
+from hal.recordlog import LogError
 
 TICK_S = 0.25  # node timers and batching: well below the 2 s endorsement round
 FLUSH_S = 1.0  # journal lines reach flash at least this often
 RECONNECT_S = 1.0  # a meter link that went down is reopened this often
 METER_ROLES = ("hplc", "rs485")
-MAX_VIA = 4096  # meter requests awaiting their answer (meterlink.MAX_OUTSTANDING)
 CONSOLE_READ = 512
 CONSOLE_WRITE = 4096  # the tty layer's buffer: the shell's outbox holds the rest
 DEFAULT_TRUST = "/etc/edgekey/utility.pub"
@@ -133,7 +132,6 @@ class Agent:
         self.stopping = False
         self.exit_status = 0
         self.counts: Counter[str] = Counter()
-        self._via: dict[tuple[bytes, int], str] = {}  # meter request -> the link it came on
         try:
             self.board: Board = load_board(board_path(opts.board))
         except BoardConfigError as exc:
@@ -228,34 +226,39 @@ class Agent:
             factory_key=self.factory.get,
             reading_floor=lambda m: journal.ceiling(m) - 1)
         fl = self.board.flash
-        # Blank or not is read before anything may write: a refusal leaves the image as it was.
-        ledger_log = RecordLog(open_partition(self.device, fl, "ledger"))
-        blank = ledger_log.stats().used_segments == 0
+        # The chain is opened and judged before anything may write (the key store's opening,
+        # the reconcile): a refusal leaves the image as it was.
+        try:
+            chain = open_node_chain(self.node_config, open_partition(self.device, fl, "ledger"))
+        except ChainCorruptError as exc:
+            raise BootError(f"{self.opts.flash}: ledger partition damaged: {exc}; the image is "
+                            "left as it is") from None
+        except (LedgerError, LogError) as exc:
+            raise BootError(f"{self.opts.flash}: {type(exc).__name__}: {exc}") from None
+        st = chain.log.stats()
+        blank = st.used_segments == 0
         if blank and not self.opts.format:
             raise BootError(f"{self.opts.flash}: the ledger partition is blank; start once with "
                             "--format to lay down the fleet's genesis")
         if not blank and self.opts.format:
             raise BootError(f"{self.opts.flash}: --format refused: the ledger partition holds "
-                            f"{ledger_log.stats().records} records")
+                            f"{st.records} records")
+        if not blank and chain.height is None:
+            raise BootError(f"{self.opts.flash}: the ledger partition holds records but no "
+                            "chain; the image is left as it is")
         if len(p.terminals) > 1:
             raise BootError(f"fleet {p.fleet!r} has {len(p.terminals)} terminals: this agent "
                             "orders blocks for a fleet of one only")
         try:
             self.terminal = Terminal(
-                self.node_config, ledger=open_partition(self.device, fl, "ledger"),
+                self.node_config, ledger=chain,
                 keystore=open_partition(self.device, fl, "keystore"),
                 device_key=self.device_key, clock=_clock,
                 transport_key=self.secrets.transport, peers=p.allow_list())
-        except ChainCorruptError as exc:
-            raise BootError(f"{self.opts.flash}: ledger partition damaged: {exc}; the image is "
-                            "left as it is") from None
         except (LedgerError, KeyStoreError, LogError) as exc:
             raise BootError(f"{self.opts.flash}: {type(exc).__name__}: {exc}") from None
         self.chain = self.terminal.chain
         self.ordering = SoloOrdering()
-        if not blank and self.chain.height is None:
-            raise BootError(f"{self.opts.flash}: the ledger partition holds records but no "
-                            "chain; the image is left as it is")
         self._run(self.terminal.boot_actions)
         if blank:
             self._run(self.terminal.deliver(p.genesis))
@@ -394,9 +397,6 @@ class Agent:
                 self._send(name, nak)
             if request is not None:
                 self.counts["meter_requests"] += 1
-                self._via[(bytes(request.meter_id), request.request_id)] = name
-                while len(self._via) > MAX_VIA:
-                    self._via.pop(next(iter(self._via)))
                 return request
         elif isinstance(event, Rejected):
             nak = link.rejected(event.reason, event.source)
@@ -451,11 +451,11 @@ class Agent:
 
     def _action(self, action: Action) -> None:
         if isinstance(action, Acknowledge | Refuse):
-            link = self._via.pop((bytes(action.meter_id), action.request_id), None)
-            if link is not None:
-                frame = self.meter_links[link].answer(action)
+            for name, link in self.meter_links.items():  # the link holding the request
+                frame = link.answer(action)
                 if frame is not None:
-                    self._send(link, frame)
+                    self._send(name, frame)
+                    break
             kind = "meter.ack" if isinstance(action, Acknowledge) else "meter.nak"
             fields: dict[str, object] = {"meter": action.meter_id, "op": action.op.value,
                                          "request": action.request_id}

@@ -39,7 +39,7 @@ Clock = Callable[[], ev.Time]
 class Terminal:
     """A terminal's chain, key store and node core on its flash (module docstring)."""
 
-    def __init__(self, config: NodeConfig, *, ledger: BlockDevice, keystore: BlockDevice,
+    def __init__(self, config: NodeConfig, *, ledger: BlockDevice | Chain, keystore: BlockDevice,
                  device_key: bytes, clock: Clock, entropy: Entropy = os.urandom,
                  transport_key: X25519PrivateKey | None = None,
                  peers: AllowList | None = None):
@@ -47,9 +47,9 @@ class Terminal:
         self.identity: TerminalIdentity = config.identity
         self.id = config.identity.terminal_id
         self.clock = clock
-        self.chain: Chain = open_chain(ledger, config.identity, require_pow=config.pow_difficulty,
-                                       placement_home=config.placement_home,
-                                       genesis_hash=config.genesis_hash)
+        # A Chain already opened by open_node_chain (the agent looks at it before anything
+        # writes), or the ledger partition to open it on.
+        self.chain = ledger if isinstance(ledger, Chain) else open_node_chain(config, ledger)
         self.keys = KeyStore(keystore, device_key, entropy=entropy)
         self.transport_key = transport_key
         self.peers = peers
@@ -126,6 +126,12 @@ class Terminal:
             if result is not None:
                 todo[:0] = self.node.handle(result, self.clock())
         return outward
+
+
+def open_node_chain(config: NodeConfig, ledger: BlockDevice) -> Chain:
+    """The chain on the ledger partition under the node's rules (its PoW, placement, genesis)."""
+    return open_chain(ledger, config.identity, require_pow=config.pow_difficulty,
+                      placement_home=config.placement_home, genesis_hash=config.genesis_hash)
 
 
 def board_partitions(device: BlockDevice, flash: Flash) -> tuple[BlockDevice, BlockDevice]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.console.shell import Call, Command, CommandError, Reply
 from agent.ledger.block import header_hash
-from agent.ledger.chain import _record_tx
+from agent.ledger.chain import scan_records
 from agent.ledger.state import MeterStatus
 from hal.ids import METER_ID_MAX, METER_ID_MIN
 
@@ -119,16 +119,10 @@ def build_commands(agent: Agent) -> list[Command]:
     def keys_history(args: list[str], call: Call) -> Reply:
         meter_id = _meter(args[0])
         log = agent.chain.log
-        rows, scanned = [], 0
-        for seq in range(log.next_seq - 1, log.first_seq - 1, -1):
-            scanned += 1
-            if scanned > HISTORY_SCAN_LIMIT:
-                break
-            tx = _record_tx(log.read(seq))
-            if tx is not None and tx.meter_id == meter_id:
-                rows.append({"op": tx.kind.name.lower(), "key_version": tx.key_version,
-                             "home": tx.home, "counter": tx.counter,
-                             "fingerprint": tx.fingerprint.hex(), "record": seq})
+        scanned = min(HISTORY_SCAN_LIMIT, log.next_seq - log.first_seq)
+        rows = [{"op": tx.kind.name.lower(), "key_version": tx.key_version, "home": tx.home,
+                 "counter": tx.counter, "fingerprint": tx.fingerprint.hex(), "record": seq}
+                for seq, tx in scan_records(log, meter_id, limit=HISTORY_SCAN_LIMIT)]
         rows.reverse()
         if not rows:
             raise CommandError("ENOENT", f"no record of meter {meter_id.hex()} on flash")

@@ -487,15 +487,24 @@ def open_chain(device: BlockDevice, identity: TerminalIdentity, **rules: object)
     return Chain(log, identity, **rules)  # type: ignore[arg-type]
 
 
+def scan_records(log: RecordLog, meter_id: bytes, *, limit: int | None = None
+                 ) -> Iterator[tuple[int, Transaction]]:
+    """The meter's records on flash, newest first, as (record id, transaction): read back
+    from the tail, at most ``limit`` records (None: to the oldest kept)."""
+    stop = log.first_seq - 1 if limit is None else max(log.first_seq, log.next_seq - limit) - 1
+    for seq in range(log.next_seq - 1, stop, -1):
+        tx = _record_tx(log.read(seq))
+        if tx is not None and tx.meter_id == meter_id:
+            yield seq, tx
+
+
 def scan_newest_record(log: RecordLog, meter_id: bytes) -> Transaction | None:
     """The paper's query (section 2.2.1, step 2): read back from the tail to the meter's record.
 
     O(records behind it): the baseline the index is measured against.
     """
-    for seq in range(log.next_seq - 1, log.first_seq - 1, -1):
-        tx = _record_tx(log.read(seq))
-        if tx is not None and tx.meter_id == meter_id:
-            return tx
+    for _seq, tx in scan_records(log, meter_id):
+        return tx
     return None
 
 
