@@ -10,6 +10,11 @@ which validates and appends it to its own flash. Terminals can be cut off
 
 Replies meant for meters and operators (acknowledgements, refusals,
 answers, readings) are collected per terminal for the caller to read.
+
+``elect`` names the fleet's block proposer, as the etcd ordering's lease
+election does: every terminal hears ``ProposerChanged``, the others forward
+their transactions to it (``ForwardTxs``). Until then every terminal
+proposes its own blocks.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from agent.node.actions import (
     AcknowledgeKey,
     Action,
     AnswerQuery,
+    ForwardTxs,
     Refuse,
     RefuseEndorsement,
+    RefuseForwarded,
     RequestEndorsements,
     SendEndorsement,
     SendKey,
@@ -71,6 +78,7 @@ class LocalNet:
         self.dropped = 0  # messages to or from an offline terminal
         self._queue: deque[tuple[str, ev.Event | Block]] = deque()
         self._tick = tick
+        self.proposer: str | None = None
         for t in self.terminals.values():
             heights = t.chain.height
             if heights is not None and heights > self.ordering.head_height:
@@ -100,6 +108,14 @@ class LocalNet:
         """A terminal rebooted: the same id, a new runtime; what is queued for it still arrives."""
         self.terminals[terminal.id] = terminal
         self._route(terminal.id, terminal.boot_actions)
+        if self.proposer is not None:  # it learns the proposer from the ordering, as at boot
+            self._queue.append((terminal.id, ev.ProposerChanged(self.proposer)))
+
+    def elect(self, proposer: str | None) -> None:
+        """The ordering names ``proposer`` (None: everyone proposes); every terminal hears it."""
+        self.proposer = proposer
+        for tid in self.terminals:
+            self._to(ORDERING, tid, ev.ProposerChanged(proposer))
 
     def post(self, terminal_id: str, event: ev.Event) -> None:
         """Queue ``event`` for a terminal without running the network."""
@@ -155,6 +171,10 @@ class LocalNet:
             elif isinstance(a, RefuseEndorsement):
                 self._to(sender, a.peer, ev.EndorsementRefused(sender, a.height, a.block_hash,
                                                                a.reason))
+            elif isinstance(a, ForwardTxs):
+                self._to(sender, a.peer, ev.TxsForwarded(sender, a.txs))
+            elif isinstance(a, RefuseForwarded):
+                self._to(sender, a.peer, ev.ForwardRefused(sender, a.tx_id, a.reason, a.height))
             elif isinstance(a, SubmitBlock):
                 self._order(sender, a.block)
             elif isinstance(a, SendKey):

@@ -852,6 +852,7 @@ HOSTILE_METERS = [meter(n) for n in range(9, 13)]
 FATES = ("deliver",) * 5 + ("drop", "duplicate", "hold", "hold")
 BLOCK_FATES = ("deliver",) * 8 + ("drop", "duplicate", "hold", "hold")  # a lost block: behind
 PEER_MESSAGES = (ev.EndorseRequest, ev.EndorsementReceived, ev.EndorsementRefused,
+                 ev.TxsForwarded, ev.ForwardRefused,
                  ev.KeyReceived, ev.KeyAcknowledged, ev.BlockRefused, Block)
 
 
@@ -1033,6 +1034,14 @@ class HostileRun:
             event = ev.QueryRequest(m, rid)
         self.ask(self.home_now(m), event)
 
+    def elect(self, index: int) -> None:
+        """The ordering names a proposer (-1: none); the election itself is not lost."""
+        proposer = None if index < 0 else self.ids[index % len(self.ids)]
+        self.net.elect(proposer)
+        self.net.run()
+        self.collect()
+        TOTALS["network elections"] += 1
+
     def wait(self, seconds: float) -> None:
         self.fleet.clock.advance(seconds)
         self.net.tick_all()
@@ -1074,6 +1083,7 @@ class HostileRun:
     def count(self) -> None:
         for t in self.net.terminals.values():
             for name in ("late_commit", "rounds.lost", "rounds.failed", "committed_retry",
+                         "forwarded", "rounds.foreign_txs", "rounds.yielded",
                          "handover.refused", "duplicate_request", "endorse.refused"):
                 self.counters[name] += t.node.counters.get(name, 0)
 
@@ -1165,6 +1175,7 @@ HOSTILE_STEP = st.one_of(
               st.sampled_from(["migrate", "migrate", "revoke", "query"]), st.integers(0, 4)),
     st.tuples(st.just("wait"), st.sampled_from([0.5, 1.5, 2.5, 5.5, 31.0])),
     st.tuples(st.just("release"), st.booleans()),
+    st.tuples(st.just("elect"), st.integers(-1, 4)),
 )
 
 
@@ -1178,6 +1189,10 @@ def test_a_fleet_on_a_hostile_network_agrees_and_keeps_exactly_the_committed_key
     homes = data.draw(st.lists(st.integers(0, n - 1), min_size=len(HOSTILE_METERS),
                                max_size=len(HOSTILE_METERS)), label="homes")
     run = HostileRun(n, lambda options: data.draw(st.sampled_from(options)), homes)
+    # One elected proposer that the others forward to (the etcd ordering's way), or none
+    # (each terminal proposes its own): both, and a change of proposer at any step.
+    first = data.draw(st.integers(-1, n - 1), label="proposer")
+    run.elect(first)
     for _ in range(data.draw(st.integers(1, NETWORK_STEPS), label="steps")):
         step = data.draw(HOSTILE_STEP, label="step")
         if step[0] == "meter":
@@ -1186,6 +1201,8 @@ def test_a_fleet_on_a_hostile_network_agrees_and_keeps_exactly_the_committed_key
             run.operator_step(step[1], step[2], step[3])
         elif step[0] == "wait":
             run.wait(step[1])
+        elif step[0] == "elect":
+            run.elect(step[1])
         else:
             run.net.release(step[1])
             run.net.run()

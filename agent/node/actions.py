@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from agent.keystore.store import PreparedKey
 from agent.ledger.block import Block, Endorsement
 from agent.ledger.rules import Reason
+from agent.ledger.tx import Transaction
 
 
 class Nak(enum.IntEnum):
@@ -121,6 +122,24 @@ class RefuseEndorsement:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardTxs:
+    """Send checked transactions to the fleet's proposer for its next block."""
+
+    peer: str
+    txs: tuple[Transaction, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RefuseForwarded:
+    """Tell ``peer`` its forwarded transaction will not be proposed: ``reason`` at ``height``."""
+
+    peer: str
+    tx_id: bytes
+    reason: Reason
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
 class SubmitBlock:
     """A block endorsed by a majority: to the ordering service (one winner per height)."""
 
@@ -168,5 +187,6 @@ class Log:
 
 
 Action = (Acknowledge | Refuse | AcceptReading | AnswerQuery | RequestEndorsements
-          | SendEndorsement | RefuseEndorsement | SubmitBlock | StoreKey | EraseKey | SendKey
+          | SendEndorsement | RefuseEndorsement | ForwardTxs | RefuseForwarded | SubmitBlock
+          | StoreKey | EraseKey | SendKey
           | AcknowledgeKey | Log)

@@ -17,11 +17,21 @@ Every write is an action.
 Bounded: at most ``max_inflight`` operations, one block in flight, every
 operation answered by its deadline (endorsement rounds time out and are
 retried ``max_rounds`` times), conflict and reading-counter tables capped.
+
+One proposer at a time (``ProposerChanged``, elected through the ordering):
+a terminal that is not the proposer forwards its checked transactions to it
+(``ForwardTxs``) and the proposer puts every terminal's transactions into its
+blocks, so terminals do not race for the head and no endorsement round is
+lost to a race. Until a proposer is named (or in a fleet of one) every
+terminal proposes its own blocks. A forwarded transaction is tracked by its
+origin like its own round: committed (its block arrives), refused by the
+proposer (``ForwardRefused``, final only once the origin's chain has reached
+the height the proposer judged it at), or timed out and forwarded again.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -65,17 +75,19 @@ from agent.node.actions import (
     Action,
     AnswerQuery,
     EraseKey,
+    ForwardTxs,
     Log,
     Nak,
     Op,
     Refuse,
+    RefuseForwarded,
     RequestEndorsements,
     SendEndorsement,
     SendKey,
     StoreKey,
     SubmitBlock,
 )
-from agent.node.endorser import SignedGuard, answer_proposal
+from agent.node.endorser import Evidence, SignedGuard, answer_proposal
 from agent.node.errors import LocalProtocolError
 from agent.node.operation import Operation
 from agent.node.opstate import OpState
@@ -91,6 +103,13 @@ DEFAULT_MAX_INFLIGHT = 4096
 MAX_LATE = 1024
 # Meters whose reading counter is tracked (those homed here).
 MAX_READING_COUNTERS = 1 << 20
+# Other terminals' transactions waiting for the proposer's next round: four
+# full blocks; beyond that a forward is refused OVERLOADED and its origin retries.
+MAX_FOREIGN = 4096
+# Transactions per ForwardTxs: one full block.
+MAX_TXS_PER_MESSAGE = 1024
+# Equivocation evidence kept for the console and the station (newest kept).
+MAX_EVIDENCE = 64
 
 
 class KeyPort(Protocol):
@@ -139,12 +158,23 @@ class NodeConfig:
 
 
 @dataclass(slots=True, eq=False)
+class _Foreign:
+    """Another terminal's transaction waiting for (or in) this proposer's round."""
+
+    peer: str
+    tx: Transaction
+    deadline: float  # its origin has timed it out by then
+    rounds: int = 0  # rounds of this proposer it failed in
+
+
+@dataclass(slots=True, eq=False)
 class _Round:
     """The one block this terminal has proposed and not yet seen committed."""
 
     block: Block
     block_hash: bytes
     ops: list[Operation]
+    foreign: list[_Foreign]
     endorsements: dict[str, object]
     refused: set[str]
     deadline: float
@@ -171,6 +201,11 @@ class Node:
         self._handover_due: dict[bytes, float] = {}  # meter -> when to send its key again
         self._receiving: dict[bytes, str] = {}  # meter -> old home whose key we stored
         self._reading_counters: OrderedDict[bytes, int] = OrderedDict()
+        self.proposer: str | None = None  # None: every terminal proposes its own blocks
+        self._forwarded: dict[bytes, Operation] = {}  # tx id -> own op sent to the proposer
+        self._foreign: OrderedDict[bytes, _Foreign] = OrderedDict()
+        self._deferred: dict[bytes, tuple[int, Reason]] = {}  # tx id -> proposer's refusal
+        self.evidence: deque[Evidence] = deque(maxlen=MAX_EVIDENCE)
         # Chain names a key this store lacks: as many as the meters homed here, so 17 bytes each.
         self.pending_keys = MeterSet()
         self.counters: dict[str, int] = {}
@@ -516,6 +551,8 @@ class Node:
         if self._ops.get(op.meter_id) is op:
             del self._ops[op.meter_id]
         self._by_tx.pop(op.tx_id, None)
+        self._forwarded.pop(op.tx_id, None)
+        self._deferred.pop(op.tx_id, None)
         if op in self._queue:
             self._queue.remove(op)
 
@@ -531,23 +568,32 @@ class Node:
     def _majority(self, signers: int) -> bool:
         return 2 * signers > self.ledger.active_count
 
+    def _proposing(self) -> bool:
+        return self.proposer is None or self.proposer == self.self_id
+
     def _start_round(self, at: ev.Time, out: list[Action]) -> None:
-        if self._round is not None or not self._queue or self.ledger.tip is None:
+        if self.ledger.tip is None or not (self._queue or self._foreign):
+            return
+        if not self._proposing():
+            self._foreign.clear()  # forwarded here by mistake or before a change: origins resend
+            return self._forward(at, out)
+        if self._round is not None:
             return
         if self.ledger.tip.timestamp_ms >= U64_MAX:  # no later stamp exists: the chain is closed
             for op in list(self._queue):
                 self._fail(op, out, Nak.LEDGER_REFUSED, "the chain's tip is stamped at the "
                            "last millisecond; no block can follow it",
                            Reason.TIMESTAMP_NOT_MONOTONIC)
+            self._refuse_foreign(list(self._foreign), Reason.TIMESTAMP_NOT_MONOTONIC, out)
             return
         if not self.ledger.is_active(self.self_id):
-            for op in list(self._queue):
-                self._fail(op, out, Nak.LEDGER_REFUSED, "this terminal is not an active member",
-                           Reason.RETIRED_PROPOSER)
+            self._fail_queue(out)
+            self._refuse_foreign(list(self._foreign), Reason.RETIRED_PROPOSER, out)
             return
-        while self._queue:
-            ops = self._queue[:self.config.txs_per_block]
-            block = propose_block(self.ledger, self.identity, [op.tx for op in ops],  # type: ignore[misc]
+        while self._queue or self._foreign:
+            ops, foreign = self._pick()
+            txs = [op.tx for op in ops] + [f.tx for f in foreign]
+            block = propose_block(self.ledger, self.identity, txs,  # type: ignore[arg-type]
                                   timestamp_ms=at.wall_ms, difficulty=self.config.pow_difficulty)
             verdict = check_proposal(self.ledger, block, placement_home=self.config.placement_home,
                                      require_pow=self.config.pow_difficulty,
@@ -555,28 +601,78 @@ class Node:
                                      attest_proof=self._attest)
             if verdict.block_ok:
                 break
-            if verdict.block_reason is not Reason.INVALID_TX:  # nothing of ours can pass
+            ids = [tx_id(f.tx) for f in foreign]
+            if verdict.block_reason is not Reason.INVALID_TX:  # nothing of these can pass
                 for op in ops:
                     self._fail(op, out, Nak.LEDGER_REFUSED, "", verdict.block_reason)
+                self._refuse_foreign(ids, verdict.block_reason, out)  # type: ignore[arg-type]
                 continue
-            for op, code in zip(ops, verdict.tx_codes, strict=True):
+            codes = verdict.tx_codes
+            for op, code in zip(ops, codes[:len(ops)], strict=True):
                 if code is not None:
                     self._fail(op, out, _nak_for(code), code.name, code)
+            for tid, code in zip(ids, codes[len(ops):], strict=True):
+                if code is not None:
+                    self._refuse_foreign([tid], code, out)
         else:
             return
         own = endorse(self.identity, block.header)
-        rnd = _Round(block, header_hash(block.header), ops, {self.self_id: own}, set(),
+        rnd = _Round(block, header_hash(block.header), ops, foreign, {self.self_id: own}, set(),
                      at.mono + self.config.round_timeout_s)
         for op in ops:
             self._queue.remove(op)
             op.advance(OpState.PROPOSED)
+        for f in foreign:
+            del self._foreign[tx_id(f.tx)]
         self._round = rnd
         self._count("rounds")
+        if foreign:
+            self._count("rounds.foreign_txs", len(foreign))
         peers = tuple(t for t in self.ledger.active_terminals() if t != self.self_id)
         if self._majority(1):
             self._submit(rnd, at, out)
         else:
             out.append(RequestEndorsements(block, peers))
+
+    def _pick(self) -> tuple[list[Operation], list[_Foreign]]:
+        """The next block's share: own operations and forwarded ones, neither starving the other."""
+        limit = self.config.txs_per_block
+        foreign = list(self._foreign.values())
+        n_own = min(len(self._queue), max(limit - len(foreign), limit // 2 or 1))
+        n_foreign = min(len(foreign), limit - n_own)
+        return self._queue[:n_own], foreign[:n_foreign]
+
+    def _refuse_foreign(self, ids: Sequence[bytes], reason: Reason, out: list[Action]) -> None:
+        height = self.ledger.tip.height if self.ledger.tip is not None else -1
+        for tid in ids:
+            item = self._foreign.pop(tid, None)
+            if item is not None:
+                self._count(f"forward.refused.{reason.name}")
+                out.append(RefuseForwarded(item.peer, tid, reason, height))
+
+    def _fail_queue(self, out: list[Action]) -> None:
+        for op in list(self._queue):
+            self._fail(op, out, Nak.LEDGER_REFUSED, "this terminal is not an active member",
+                       Reason.RETIRED_PROPOSER)
+
+    def _forward(self, at: ev.Time, out: list[Action]) -> None:
+        """Not the proposer: send the checked operations to the one that is."""
+        if not self.ledger.is_active(self.self_id):
+            return self._fail_queue(out)
+        if not self._queue:
+            return
+        tip = self.ledger.tip.height  # type: ignore[union-attr]
+        due = at.mono + self.config.round_timeout_s + self.config.order_timeout_s
+        ops, self._queue = self._queue, []
+        for op in ops:
+            op.advance(OpState.PROPOSED)
+            op.submitted = True  # the proposer may commit it whenever: its effect must follow
+            op.sent_height, op.forward_due = tip, due
+            self._forwarded[op.tx_id] = op
+        self._count("forwarded", len(ops))
+        for i in range(0, len(ops), MAX_TXS_PER_MESSAGE):
+            out.append(ForwardTxs(self.proposer,  # type: ignore[arg-type]
+                                  tuple(op.tx for op in ops[i:i + MAX_TXS_PER_MESSAGE])))  # type: ignore[misc]
 
     def _submit(self, rnd: _Round, at: ev.Time, out: list[Action]) -> None:
         for op in rnd.ops:
@@ -620,6 +716,7 @@ class Node:
         """The round failed: its operations go back to CHECKED for another, or time out."""
         self._round = None
         self._count("rounds.failed")
+        self._requeue_foreign(rnd.foreign, at, set(), failed=True)
         for op in rnd.ops:
             op.rounds += 1
             if op.rounds >= self.config.max_rounds or at.mono >= op.deadline:
@@ -629,6 +726,23 @@ class Node:
                 continue
             op.advance(OpState.CHECKED)
             self._queue.append(op)
+
+    def _requeue_foreign(self, items: list[_Foreign], at: ev.Time, carried: set[bytes], *,
+                         failed: bool) -> None:
+        """Forwarded transactions of a failed or lost round wait for the next, until they expire
+        or have failed ``max_rounds`` rounds here (their origins time them out and resend)."""
+        if not self._proposing():
+            return  # the new proposer gets them from their origins
+        for f in items:
+            tid = tx_id(f.tx)
+            f.rounds += failed
+            if tid in carried:
+                continue
+            if (at.mono >= f.deadline or f.rounds >= self.config.max_rounds
+                    or len(self._foreign) >= MAX_FOREIGN):
+                self._count("forward.dropped")
+                continue
+            self._foreign[tid] = f
 
     def _keep_late(self, op: Operation) -> None:
         """A submitted block may still commit: keep what its key-store effect needs."""
@@ -647,6 +761,13 @@ class Node:
                                  genesis_hash=self.config.genesis_hash, attest_proof=self._attest)
         signed = isinstance(answer, SendEndorsement)
         self._count("endorse.signed" if signed else "endorse.refused")
+        for found in self._guard.take_evidence():
+            self.evidence.append(found)
+            self._count("evidence.equivocation")
+            out.append(Log("equivocation", (("signer", found.signer),
+                                            ("meter", found.meter_id.hex()),
+                                            ("version", found.key_version),
+                                            ("height", found.height))))
         out.append(answer)
 
     # ============================================================ committing
@@ -666,6 +787,9 @@ class Node:
                     if op.tx_id not in carried:  # back for the next round, re-checked there
                         op.advance(OpState.CHECKED)
                         self._queue.append(op)
+                self._requeue_foreign(rnd.foreign, at, carried, failed=False)
+        for tid in ids:
+            self._foreign.pop(tid, None)  # carried by this block, whoever proposed it
         by_index = {c.tx_index: c for c in changes.meters}
         for index, (tx, tid) in enumerate(zip(block.txs, ids, strict=True)):
             change = by_index.get(index)
@@ -680,6 +804,8 @@ class Node:
                 out.append(StoreKey(late.prepared))
             else:
                 self._others_change(tx, change.entry, out)
+        if self._deferred:
+            self._settle_refusals(height, out)
         # Only this block's meters can have stopped being pending: O(block), not O(pending).
         for change in changes.meters:
             meter_id = change.meter_id
@@ -691,6 +817,8 @@ class Node:
     def _applied(self, op: Operation, height: int, out: list[Action]) -> None:
         if op in self._queue:
             self._queue.remove(op)  # carried by another terminal's block
+        self._forwarded.pop(op.tx_id, None)
+        self._deferred.pop(op.tx_id, None)
         op.advance(OpState.VALIDATED)
         op.advance(OpState.APPLIED)
         op.height = height
@@ -733,6 +861,82 @@ class Node:
         if rnd is not None and rnd.submitted and (e.height, e.block_hash) == \
                 (rnd.block.header.height, rnd.block_hash):
             self._retry_round(rnd, at, out, e.detail)
+
+    # ========================================================= forwarding
+
+    def _on_proposer_changed(self, e: ev.ProposerChanged, at: ev.Time,
+                             out: list[Action]) -> None:
+        if e.proposer == self.proposer:
+            return
+        out.append(Log("node.proposer", (("proposer", e.proposer), ("was", self.proposer))))
+        self._count("proposer.changes")
+        self.proposer = e.proposer
+        # What went to the old proposer goes to the new one (or into this terminal's own
+        # round). If the old one's block still commits, the transaction is applied from it
+        # and the copy the new proposer holds is refused there as a replay.
+        for op in list(self._forwarded.values()):
+            del self._forwarded[op.tx_id]
+            op.advance(OpState.CHECKED)
+            self._queue.append(op)
+        rnd = self._round
+        if rnd is not None and not rnd.submitted and not self._proposing():
+            self._round = None  # not endorsed yet: its operations are forwarded instead
+            self._count("rounds.yielded")
+            for op in rnd.ops:
+                op.advance(OpState.CHECKED)
+                self._queue.append(op)
+        if not self._proposing():
+            self._foreign.clear()
+
+    def _on_txs_forwarded(self, e: ev.TxsForwarded, at: ev.Time, out: list[Action]) -> None:
+        height = self.ledger.tip.height if self.ledger.tip is not None else -1
+        info = self.ledger.terminal(e.peer)
+        for tx in e.txs:
+            tid = tx_id(tx)
+            if info is None or not info.active or tx.proposer != e.peer:
+                # only a member forwards, and only what it signed itself
+                self._count("forward.refused.UNKNOWN_PROPOSER")
+                out.append(RefuseForwarded(e.peer, tid, Reason.UNKNOWN_PROPOSER, height))
+            elif not self._proposing():
+                self._count("forward.not_proposer")  # the origin re-forwards on the change
+            elif tid in self._foreign or (self._round is not None and any(
+                    tx_id(f.tx) == tid for f in self._round.foreign)):
+                self._count("forward.duplicate")
+            elif len(self._foreign) >= MAX_FOREIGN:
+                self._count("forward.overloaded")  # its origin times the round out and resends
+            else:
+                self._foreign[tid] = _Foreign(e.peer, tx, at.mono + self.config.op_timeout_s)
+                self._count("forward.accepted")
+
+    def _on_forward_refused(self, e: ev.ForwardRefused, at: ev.Time, out: list[Action]) -> None:
+        op = self._forwarded.get(e.tx_id)
+        if op is None or e.peer != self.proposer:
+            self._count("forward.stray_refusal")
+            return
+        tip = self.ledger.tip.height if self.ledger.tip is not None else -1
+        if e.height < op.sent_height:  # judged on an older chain than the one it was built on
+            del self._forwarded[e.tx_id]
+            op.rounds += 1
+            if op.rounds >= self.config.max_rounds or at.mono >= op.deadline:
+                self._keep_late(op)
+                return self._fail(op, out, Nak.TIMEOUT, f"the proposer {e.peer} lags behind")
+            op.advance(OpState.CHECKED)
+            self._queue.append(op)
+        elif e.height > tip:
+            self._deferred[e.tx_id] = (e.height, e.reason)  # our chain may yet carry it
+        else:
+            self._fail(op, out, _nak_for(e.reason), f"{e.reason.name} at the proposer",
+                       e.reason)
+
+    def _settle_refusals(self, height: int, out: list[Action]) -> None:
+        """Refusals judged at a height this chain has now reached, their operation not applied."""
+        for tid, (at_height, reason) in list(self._deferred.items()):
+            if at_height <= height:
+                del self._deferred[tid]
+                op = self._forwarded.get(tid)
+                if op is not None:
+                    self._fail(op, out, _nak_for(reason), f"{reason.name} at the proposer",
+                               reason)
 
     # ======================================================= key handovers
 
@@ -803,6 +1007,18 @@ class Node:
             self._retry_round(rnd, at, out, "endorsements" if not rnd.submitted else "ordering")
         for op in [o for o in self._queue if at.mono >= o.deadline]:
             self._fail(op, out, Nak.TIMEOUT, "not proposed in time")
+        for op in [o for o in self._forwarded.values() if at.mono >= o.forward_due]:
+            del self._forwarded[op.tx_id]
+            self._deferred.pop(op.tx_id, None)
+            op.rounds += 1
+            if op.rounds >= self.config.max_rounds or at.mono >= op.deadline:
+                self._keep_late(op)
+                self._fail(op, out, Nak.TIMEOUT, f"after {op.rounds} forwards to {self.proposer}")
+                continue
+            op.advance(OpState.CHECKED)
+            self._queue.append(op)
+        for tid in [t for t, f in self._foreign.items() if at.mono >= f.deadline]:
+            del self._foreign[tid]  # its origin has timed it out by now
 
 def _nak_for(code: Reason) -> Nak:
     """The meter-facing reason for a ledger rule's code."""
@@ -823,6 +1039,9 @@ _HANDLERS: dict[type, Callable[..., None]] = {
     ev.EndorseRequest: Node._on_endorse_request,
     ev.EndorsementReceived: Node._on_endorsement,
     ev.EndorsementRefused: Node._on_endorsement_refused,
+    ev.TxsForwarded: Node._on_txs_forwarded,
+    ev.ForwardRefused: Node._on_forward_refused,
+    ev.ProposerChanged: Node._on_proposer_changed,
     ev.KeyReceived: Node._on_key_received,
     ev.KeyAcknowledged: Node._on_key_acknowledged,
     ev.BlockCommitted: Node._on_block,

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from agent.ledger.block import Block, Endorsement
 from agent.ledger.rules import Changes, Reason
+from agent.ledger.tx import Transaction
 
 
 class Time(NamedTuple):
@@ -130,6 +131,24 @@ class EndorsementRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class TxsForwarded:
+    """A peer's checked, signed transactions for the block this terminal proposes next."""
+
+    peer: str
+    txs: tuple[Transaction, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRefused:
+    """The proposer dropped a transaction this terminal forwarded: ``reason`` at its ``height``."""
+
+    peer: str
+    tx_id: bytes
+    reason: Reason
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
 class KeyReceived:
     """A meter's key handed over by its old home, opened by the runtime (transport.py)."""
 
@@ -153,6 +172,17 @@ class KeyAcknowledged:
 
 
 # ------------------------------------------------------ from the ordering
+
+@dataclass(frozen=True, slots=True)
+class ProposerChanged:
+    """The fleet's block proposer, elected through the ordering (None: every terminal proposes).
+
+    One proposer batches every terminal's operations into its blocks, so no
+    endorsement round is lost to a race for the head; the others forward.
+    """
+
+    proposer: str | None
+
 
 @dataclass(frozen=True, slots=True)
 class BlockCommitted:
@@ -199,5 +229,6 @@ class Tick:
 
 Event = (RegisterRequest | RotateRequest | RevokeRequest | ReadingRequest | OperatorRevoke
          | MigrateRequest | QueryRequest | EndorseRequest | EndorsementReceived
-         | EndorsementRefused | KeyReceived | KeyAcknowledged | BlockCommitted | BlockRefused
+         | EndorsementRefused | TxsForwarded | ForwardRefused | ProposerChanged | KeyReceived
+         | KeyAcknowledged | BlockCommitted | BlockRefused
          | KeyStored | KeyErased | EffectFailed | Tick)

@@ -26,6 +26,8 @@ class Operation:
     height: int | None = None  # where it committed
     rounds: int = 0  # endorsement rounds that failed so far
     submitted: bool = False  # a block holding it went to the ordering (it may still commit)
+    sent_height: int = -1  # the tip it was forwarded on (to the proposer)
+    forward_due: float = 0.0  # when a forward without its block counts as a failed round
 
     def advance(self, new: OpState) -> None:
         check_transition(self.state, new)
