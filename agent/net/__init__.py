@@ -1,0 +1,1 @@
+"""Terminals together: the inter-terminal transport and the etcd ordering."""
