@@ -7,8 +7,10 @@
     links by URL (hal.link.open_port) served by one selector loop (hal.pump):
       hplc / rs485: frames -> agent.meterlink -> node events -> actions -> answer frames
       console: bytes -> agent.console.shell -> commands (agent.console.commands) -> bytes
-    ordering: a fleet of one orders its own blocks (``SoloOrdering``); the network
-    ordering plugs into the same two calls (submit, delivered).
+    ordering: a fleet of one orders its own blocks (``SoloOrdering``); a fleet of
+    more has its network (agent/network.py): TLS links to the peers for
+    endorsements, forwarded operations and key hand-overs, and etcd for the
+    order of blocks, each candidate judged here before it is applied.
 
 One thread. Every queue is bounded (link sessions, shell outbox, meter
 requests, the node's operations). SIGTERM and SIGINT stop the loop between
@@ -39,6 +41,10 @@ from agent.ledger.chain import ChainCorruptError, LedgerError
 from agent.ledger.query import query
 from agent.logs import EventLog, ToEventLog
 from agent.meterlink import MeterLink
+from agent.net.ordering import EtcdOrdering
+from agent.net.peers import PeerNet, tls_contexts
+from agent.net.pki import common_name, sha256_pem
+from agent.network import FleetNetwork
 from agent.node import events as ev
 from agent.node.actions import (
     AcceptReading,
@@ -68,6 +74,7 @@ CONSOLE_READ = 512
 CONSOLE_WRITE = 4096  # the tty layer's buffer: the shell's outbox holds the rest
 DEFAULT_TRUST = "/etc/edgekey/utility.pub"
 DEFAULT_DEVICE_KEY = "/etc/edgekey/device.key"
+DEFAULT_TLS_DIR = "/etc/edgekey/tls"  # ca.crt, <node>.crt, <node>.key
 DEFAULT_CLIENT_ADDRESS = 0x01
 REEXEC_STATUS = 75  # reboot: the loop ends and the process replaces itself
 
@@ -111,6 +118,7 @@ class Options:
     # RLIMIT_DATA lowered to the board's budget for the whole process: off only where the
     # agent shares its process with others (the in-process test of the ARM tier).
     enforce_ram: bool = True
+    tls_dir: Path = Path(DEFAULT_TLS_DIR)
 
 
 def parse_links(values: list[str]) -> dict[str, str]:
@@ -147,8 +155,10 @@ class Agent:
         self._log_handler = ToEventLog(self.log)
         logging.getLogger("edgekey").addHandler(self._log_handler)
         logging.getLogger("edgekey").setLevel(logging.INFO)
-        self._boot_node()
         self.pump = Pump()
+        self.network: FleetNetwork | None = None
+        self._watch_fd: int | None = None
+        self._boot_node()
         self.meter_links: dict[str, MeterLink] = {}
         self.link_urls: dict[str, str] = {}
         self.link_down_at: dict[str, float] = {}
@@ -246,9 +256,9 @@ class Agent:
         if not blank and chain.height is None:
             raise BootError(f"{self.opts.flash}: the ledger partition holds records but no "
                             "chain; the image is left as it is")
-        if len(p.terminals) > 1:
-            raise BootError(f"fleet {p.fleet!r} has {len(p.terminals)} terminals: this agent "
-                            "orders blocks for a fleet of one only")
+        if len(p.terminals) > 1 and p.network is None:
+            raise BootError(f"fleet {p.fleet!r} has {len(p.terminals)} terminals but its "
+                            "provisioning names no network (etcd endpoints, peer addresses)")
         try:
             self.terminal = Terminal(
                 self.node_config, ledger=chain,
@@ -259,15 +269,64 @@ class Agent:
             raise BootError(f"{self.opts.flash}: {type(exc).__name__}: {exc}") from None
         self.chain = self.terminal.chain
         self.ordering = SoloOrdering()
-        self._run(self.terminal.boot_actions)
         if blank:
             self._run(self.terminal.deliver(p.genesis))
             if self.chain.height != 0:
                 raise BootError("the fleet's genesis was refused by this terminal's rules")
             self.log.event("agent.formatted", genesis=_genesis_hash(p.genesis))
+        if p.network is not None:
+            self._open_network(p.network)
+        self._run(self.terminal.boot_actions)
         self.log.event("agent.boot", height=self.chain.height,
                        meters=self.chain.state.meter_count,
                        keys=len(self.terminal.keys.live_meters()))
+
+    def _open_network(self, net: prov.Network) -> None:
+        """The fleet CA pinned by the provisioning, this terminal's certificate, peers, etcd."""
+        d, node = self.opts.tls_dir, self.opts.node
+        ca, cert, key = d / "ca.crt", d / f"{node}.crt", d / f"{node}.key"
+        try:
+            ca_pem, cert_pem = ca.read_bytes(), cert.read_bytes()
+        except OSError as exc:
+            raise BootError(f"TLS material: {exc.filename}: {exc.strerror}") from None
+        try:
+            if sha256_pem(ca_pem) != net.ca_sha256:
+                raise BootError(f"{ca} is not the fleet CA the provisioning pins")
+            if common_name(cert_pem) != node:
+                raise BootError(f"{cert} is issued to {common_name(cert_pem)!r}, not {node!r}")
+            server_ctx, client_ctx = tls_contexts(ca, cert, key)
+        except (ValueError, OSError) as exc:
+            raise BootError(f"TLS material in {d}: {exc}") from None
+        if node not in net.peers:
+            raise BootError(f"the provisioning gives terminal {node!r} no peer address")
+        state = self.chain.state
+        ordering = EtcdOrdering(net.etcd, self.provisioning.fleet, node, ca=str(ca),
+                                cert=str(cert), key=str(key))
+        self.network = FleetNetwork(self.terminal, ordering, lambda on_message: PeerNet(
+            self.pump, node, self.provisioning.fleet, server_ctx, client_ctx, net.peers[node],
+            {t: a for t, a in net.peers.items() if t != node},
+            is_member=lambda t: state.is_active(t), on_message=on_message))
+        self.pump.add_fd(ordering.fileno(), selectors.EVENT_READ, lambda mask: None)
+        ordering.start((self.chain.height or 0) + 1)
+        self.log.event("agent.network", peers=len(net.peers) - 1, etcd=list(net.etcd),
+                       listen=f"{net.peers[node][0]}:{net.peers[node][1]}")
+
+    def _network_pass(self) -> None:
+        """What the peers and the ordering brought since the last pass, into the node."""
+        network = self.network
+        if network is None:
+            return
+        events, actions = network.take()
+        if actions:
+            self._run(actions)
+        if events:
+            self._run(self.terminal.feed_many(events))
+        fd = network.ordering.watch_fileno()
+        if fd is not None and fd != self._watch_fd:  # the watch started: wake on its events
+            if self._watch_fd is not None:
+                self.pump.remove_fd(self._watch_fd)
+            self.pump.add_fd(fd, selectors.EVENT_READ, lambda mask: None)
+            self._watch_fd = fd
 
     # ============================================================= links
 
@@ -365,12 +424,16 @@ class Agent:
         next_tick = next_flush = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
-            timeout = max(0.0, min(next_tick, next_flush) - now)
+            wake = min(next_tick, next_flush)
+            if self.network is not None:
+                wake = min(wake, self.network.next_deadline() or wake)
+            timeout = max(0.0, wake - now)
             requests: list[ev.Event] = []
             for name, event in self.pump.run_once(timeout):
                 request = self._link_event(name, event)
                 if request is not None:
                     requests.append(request)
+            self._network_pass()
             if requests:  # what one pass read shares one round (one block)
                 self._run(self.terminal.feed_many(requests))
             if self.shell is not None:
@@ -380,6 +443,8 @@ class Agent:
                 next_tick = now + TICK_S
                 self.feed(ev.Tick())
                 self._reconnect(now)
+                if self.network is not None:
+                    self.network.tick()
             if now >= next_flush:
                 next_flush = now + FLUSH_S
                 self.journal.flush()
@@ -450,6 +515,8 @@ class Agent:
                 self.counts["blocks_committed"] += 1
 
     def _action(self, action: Action) -> None:
+        if self.network is not None and self.network.route(action):
+            return
         if isinstance(action, Acknowledge | Refuse):
             for name, link in self.meter_links.items():  # the link holding the request
                 frame = link.answer(action)
@@ -493,6 +560,12 @@ class Agent:
         self.stopping = True
         self.exit_status = status
 
+    @property
+    def synced(self) -> bool:
+        """Current with the fleet: a fleet of one always is; a networked terminal once its
+        ordering read is done, etcd answers and no known block waits (agent/network.py)."""
+        return self.network is None or self.network.synced
+
     def uptime_s(self) -> float:
         return time.monotonic() - self.started
 
@@ -500,6 +573,8 @@ class Agent:
 
     def shutdown(self) -> None:
         self.log.event("agent.stop", status=self.exit_status, height=self.chain.height)
+        if self.network is not None:
+            self.network.close()
         for role in list(self.pump.links):
             self.pump.remove_link(role)
         for port in self.ports.values():
@@ -540,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", action="store_true",
                         help="lay the fleet's genesis on a blank ledger partition (refused when "
                              "it holds data)")
+    parser.add_argument("--tls-dir", type=Path, default=Path(DEFAULT_TLS_DIR),
+                        help="the fleet CA and this terminal's certificate: ca.crt, NODE.crt, "
+                             f"NODE.key (default {DEFAULT_TLS_DIR})")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         default="info")
     parser.add_argument("--client-address", type=lambda s: int(s, 0),
@@ -572,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--node and --flash are required to run (or --check to validate a board)")
     try:
         opts = Options(args.board, args.node, args.flash, parse_links(args.links), args.trust,
-                       args.device_key, args.format, args.log_level, args.client_address)
+                       args.device_key, args.format, args.log_level, args.client_address,
+                       tls_dir=args.tls_dir)
         agent = Agent(opts, argv)
     except BootError as exc:
         print(f"edgekey agent: refused to start: {exc}", file=sys.stderr)

@@ -12,6 +12,11 @@ meter's first registration: its first key arrives wrapped under it.
     file := {"document": {...}, "signature": hex}   (JSON)
     signature = Ed25519(utility key, "edgekey/provisioning/v1" | canonical JSON of document)
 
+A fleet of more than one terminal also has a ``network`` section: the
+SHA-256 of the fleet CA's certificate (the TLS trust anchor, pinned so a
+swapped CA file is refused), the etcd client endpoints, the etcd voting
+members (terminal -> member name and URLs) and each terminal's peer address.
+
 The **secrets** (the terminal's Ed25519 identity seed and X25519 transport
 key) are sealed under the device key (AES-256-GCM, bound to the terminal
 id). Both go into the ``config`` partition as records of a record log
@@ -70,6 +75,16 @@ class MeterEntry:
 
 
 @dataclass(frozen=True)
+class Network:
+    """How a fleet's terminals reach each other and the ordering (signed with the rest)."""
+
+    ca_sha256: bytes
+    etcd: tuple[str, ...]  # client URLs, every member's
+    peers: dict[str, tuple[str, int]]  # terminal -> (host, port) of its TLS listener
+    members: dict[str, dict[str, str]]  # voting terminal -> {"name", "client", "peer"}
+
+
+@dataclass(frozen=True)
 class Provisioning:
     """A verified provisioning document."""
 
@@ -80,6 +95,7 @@ class Provisioning:
     genesis: Block
     terminals: tuple[TerminalEntry, ...]
     meters: tuple[MeterEntry, ...]
+    network: Network | None = None
 
     def terminal(self, terminal_id: str) -> TerminalEntry:
         for t in self.terminals:
@@ -122,7 +138,8 @@ def sign(document: dict, utility_key: Ed25519PrivateKey) -> bytes:
 def document_for(*, fleet: str, board: str, layout: str, issued_ms: int, genesis: Block,
                  terminals: list[TerminalEntry], meters: list[tuple[bytes, str, tuple[float, float],
                                                                    bytes]],
-                 entropy: Callable[[int], bytes] = os.urandom) -> dict:
+                 entropy: Callable[[int], bytes] = os.urandom,
+                 network: Network | None = None) -> dict:
     """The document: ``meters`` as (id, home, xy, factory key), sealed here to each home."""
     allow = AllowList({t.terminal_id.encode(): t.transport_public for t in terminals})
     rows = []
@@ -131,13 +148,31 @@ def document_for(*, fleet: str, board: str, layout: str, issued_ms: int, genesis
                                requester_id=home.encode(), allow_list=allow, entropy=entropy)
         rows.append({"id": meter_id.hex(), "home": home, "xy": list(xy),
                      "factory_key": sealed.hex()})
-    return {"format": FORMAT, "fleet": fleet, "board": board, "flash_layout": layout,
+    document = {"format": FORMAT, "fleet": fleet, "board": board, "flash_layout": layout,
             "issued_ms": issued_ms,
             "genesis": encode_block(genesis).hex(),
             "terminals": [{"id": t.terminal_id, "identity": t.identity_public.hex(),
                            "transport": t.transport_public.hex(), "site": list(t.site),
                            "capacity": t.capacity} for t in terminals],
             "meters": rows}
+    if network is not None:
+        document["network"] = {"ca_sha256": network.ca_sha256.hex(), "etcd": list(network.etcd),
+                               "peers": {t: f"{h}:{port}" for t, (h, port) in
+                                         network.peers.items()},
+                               "members": network.members}
+    return document
+
+
+def _network(doc: dict | None) -> Network | None:
+    if doc is None:
+        return None
+    peers = {}
+    for tid, address in doc["peers"].items():
+        host, _, port = str(address).rpartition(":")
+        peers[str(tid)] = (host, int(port))
+    members = {str(t): {k: str(v) for k, v in m.items()} for t, m in doc["members"].items()}
+    return Network(bytes.fromhex(doc["ca_sha256"]), tuple(str(u) for u in doc["etcd"]), peers,
+                   members)
 
 
 def verify(data: bytes, trusted: bytes) -> Provisioning:
@@ -168,7 +203,8 @@ def verify(data: bytes, trusted: bytes) -> Provisioning:
                                           int(t["capacity"])) for t in document["terminals"]),
             meters=tuple(MeterEntry(bytes.fromhex(m["id"]), str(m["home"]),
                                     (float(m["xy"][0]), float(m["xy"][1])),
-                                    bytes.fromhex(m["factory_key"])) for m in document["meters"]))
+                                    bytes.fromhex(m["factory_key"])) for m in document["meters"]),
+            network=_network(document.get("network")))
     except (ValueError, KeyError, TypeError, IndexError, DecodeError) as exc:
         raise ProvisioningError(f"signed provisioning document is malformed: {exc}") from None
 

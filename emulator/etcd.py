@@ -101,6 +101,28 @@ class _Member:
         return self.process is not None and self.process.poll() is None
 
 
+def member_command(name: str, data_dir: Path, client_url: str, peer_url: str,
+                   initial_cluster: str, token: str, state: str, log: Path,
+                   tls: tuple[str, str, str] | None, *, etcd: str = ETCD) -> list[str]:
+    """One member's command line: TLS with client auth on both listeners when ``tls`` is
+    (ca, cert, key); watch progress notifications often enough for silence detection."""
+    command = [
+        etcd, "--name", name, "--data-dir", str(data_dir),
+        "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", initial_cluster, "--initial-cluster-token", token,
+        "--initial-cluster-state", state, "--logger", "zap", "--log-outputs", str(log),
+    ]
+    if tls is not None:
+        ca, crt, key = tls
+        command += ["--cert-file", crt, "--key-file", key, "--trusted-ca-file", ca,
+                    "--client-cert-auth", "--peer-cert-file", crt, "--peer-key-file", key,
+                    "--peer-trusted-ca-file", ca, "--peer-client-cert-auth"]
+    if has_progress_notify_flag(etcd):
+        command += ["--experimental-watch-progress-notify-interval", PROGRESS_NOTIFY]
+    return command
+
+
 class EtcdCluster:
     """A static etcd cluster of ``members`` members under ``directory`` (module docstring)."""
 
@@ -293,29 +315,16 @@ class EtcdCluster:
 
     def _command(self, member: _Member, initial_cluster: str, state: str) -> list[str]:
         d = self.directory
-        command = [
-            self.etcd, "--name", member.name, "--data-dir", str(d / f"{member.name}.etcd"),
-            "--listen-client-urls", member.client_url,
-            "--advertise-client-urls", member.client_url,
-            "--listen-peer-urls", member.peer_url,
-            "--initial-advertise-peer-urls", member.peer_url,
-            "--initial-cluster", initial_cluster, "--initial-cluster-token", self.token,
-            "--initial-cluster-state", state,
-            "--logger", "zap", "--log-outputs", str(d / f"{member.name}.log"),
-        ]
+        tls = None
         if self.tls:
             crt, key = d / f"{member.name}.crt", d / f"{member.name}.key"
             if not crt.exists():
                 assert self._ca is not None
                 self._ca.issue(member.name).write(d, member.name)
-            command += [
-                "--cert-file", str(crt), "--key-file", str(key),
-                "--trusted-ca-file", str(self.ca), "--client-cert-auth",
-                "--peer-cert-file", str(crt), "--peer-key-file", str(key),
-                "--peer-trusted-ca-file", str(self.ca), "--peer-client-cert-auth"]
-        if has_progress_notify_flag(self.etcd):
-            command += ["--experimental-watch-progress-notify-interval", PROGRESS_NOTIFY]
-        return command
+            tls = (str(self.ca), str(crt), str(key))
+        return member_command(member.name, d / f"{member.name}.etcd", member.client_url,
+                              member.peer_url, initial_cluster, self.token, state,
+                              d / f"{member.name}.log", tls, etcd=self.etcd)
 
     def _spawn(self, i: int, initial_cluster: str, state: str) -> None:
         member = self._members[i]

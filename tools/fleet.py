@@ -14,10 +14,20 @@ starts in the background, per terminal:
 - the emulated meters (``python -m emulator.meter``), all on one channel, as
   on an HPLC network.
 
+A fleet of more than one terminal also gets its network: a fleet CA and
+certificates (``DIR/tls``: every terminal's, every etcd member's), a TLS
+listener per terminal on a free loopback port, and etcd voting members
+hosted by the first 3 (or 5, ``--etcd-members``) terminals, each member a
+process of its terminal's group with its data directory beside the
+terminal's flash image (``DIR/ecd-00.etcd``). The provisioning pins the CA
+and names the endpoints and peer addresses; the agents do the rest.
+
 ``DIR/fleet.json`` records every process (command line, pid, log) so
 ``status`` and ``down`` find them, and ``up`` on an existing directory
 restarts whatever is no longer running (an agent after ``kill -9``), never
-re-provisioning. ``down`` stops everything, also after a crash.
+re-provisioning. ``down`` stops everything, also after a crash. ``kill ID``
+is a power cut of one terminal (SIGKILL to its agent and its etcd member),
+``start ID`` powers it on again.
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-STOP_ORDER = ("meters", "agent", "channel", "cable")  # meters first: no requests into a stop
+STOP_ORDER = ("meters", "agent", "channel", "cable", "etcd")  # meters first, etcd last
+START_ORDER = ("cable", "channel", "agent", "meters")
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 PROCESS_MARK = "EDGEKEY_FLEET"  # in every child's environment: down kills only its own pids
@@ -64,10 +75,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--start-spread", type=float, default=2.0,
                     help="meters register spread over this many seconds")
     up.add_argument("--log-level", default="info")
+    up.add_argument("--etcd-members", type=int, choices=(1, 3, 5), default=None,
+                    help="etcd voting members, hosted by the first terminals (default: 3, or 1 "
+                         "for fewer than 3 terminals)")
     for name, text in (("status", "exit 0 only when every process answers"),
                        ("down", "stop every process of the fleet")):
         p = fleet.add_parser(name, help=text)
         p.add_argument("--dir", type=Path, default=Path("out/fleet"))
+    for name, text in (("kill", "power cut: SIGKILL a terminal's agent and etcd member"),
+                       ("start", "power a killed terminal on again")):
+        p = fleet.add_parser(name, help=text)
+        p.add_argument("--dir", type=Path, default=Path("out/fleet"))
+        p.add_argument("id", help="the terminal, e.g. ecd-03")
     for p in fleet.choices.values():
         p.set_defaults(handler=run)
 
@@ -77,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         return up(args)
     if args.fleet_cmd == "status":
         return status(args.dir)
+    if args.fleet_cmd == "kill":
+        return kill(args.dir, args.id)
+    if args.fleet_cmd == "start":
+        return start(args.dir, args.id)
     return down(args.dir)
 
 
@@ -91,8 +114,39 @@ def meter_id(i: int) -> bytes:
     return bytes.fromhex(f"{i + 1:012d}")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _network(directory: Path, ids: list[str], fleet_name: str, members: int) -> tuple:
+    """The fleet CA and certificates under DIR/tls, ports, etcd members: (Network, etcd dict)."""
+    from agent import provisioning as prov
+    from agent.net.pki import FleetCA, sha256_pem
+
+    tls = directory / "tls"
+    tls.mkdir(parents=True, exist_ok=True)
+    ca = FleetCA.create(fleet_name)
+    ca.write(tls)
+    for t in ids:
+        ca.issue(t).write(tls, t)
+    peers = {t: ("127.0.0.1", _free_port()) for t in ids}
+    voting = {}
+    for i, t in enumerate(ids[:members]):
+        name = f"m{i}"
+        ca.issue(name).write(tls, name)
+        voting[t] = {"name": name, "client": f"https://127.0.0.1:{_free_port()}",
+                     "peer": f"https://127.0.0.1:{_free_port()}"}
+    network = prov.Network(sha256_pem(ca.cert_pem), tuple(m["client"] for m in voting.values()),
+                           peers, voting)
+    return network, voting
+
+
 def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name: str,
-                    seed: int) -> dict:
+                    seed: int, etcd_members: int | None = None) -> dict:
     """Keys, plan, signed provisioning and one flash image per terminal; the fleet description."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -132,14 +186,21 @@ def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name:
                                   tuple(float(v) for v in p.centres[i]), cap)  # type: ignore[arg-type]
                for i, t in enumerate(ids)]
     factory = {meter_id(i): _derive(seed, f"factory {i}") for i in range(meters)}
+    network, voting = None, {}
+    if terminals > 1:
+        members = etcd_members or (3 if terminals >= 3 else 1)
+        network, voting = _network(directory, ids, directory.name, min(members, terminals))
     rows = [(meter_id(i), ids[int(p.assign[i])], (float(points[i, 0]), float(points[i, 1])),
              factory[meter_id(i)]) for i in range(meters)]
     document = prov.document_for(fleet=directory.name, board=board.name,
                                  layout=prov.flash_layout(board.flash), issued_ms=now_ms,
-                                 genesis=block0, terminals=entries, meters=rows)
+                                 genesis=block0, terminals=entries, meters=rows,
+                                 network=network)
     signed = prov.sign(document, utility)
     (directory / "provisioning.json").write_bytes(signed)
-    fleet: dict = {"board": board.name, "seed": seed, "terminals": [], "processes": {}}
+    fleet: dict = {"board": board.name, "seed": seed, "terminals": [], "processes": {},
+                   "etcd": {"members": voting,
+                            "endpoints": list(network.etcd) if network else []}}
     for t in ids:
         image = directory / f"{t}.img"
         devkey = directory / f"{t}.devkey"
@@ -157,7 +218,8 @@ def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name:
         meters_file = directory / f"{t}.meters.json"
         _secret_file(meters_file, json.dumps(homed, indent=1))
         fleet["terminals"].append({"id": t, "flash": str(image), "device_key": str(devkey),
-                                   "meters_file": str(meters_file), "meters": len(homed)})
+                                   "meters_file": str(meters_file), "meters": len(homed),
+                                   "etcd": voting.get(t)})
     return fleet
 
 
@@ -171,7 +233,8 @@ def _secret_file(path: Path, content: str | bytes, *, binary: bool = False) -> N
 
 # ================================================================= processes
 
-def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str) -> dict[str, dict]:
+def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str,
+              members: dict) -> dict[str, dict]:
     tid = t["id"]
     py = sys.executable
     console, console_agent = directory / f"{tid}.console", directory / f"{tid}.console-agent"
@@ -186,7 +249,7 @@ def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str) ->
         channel += ["--rate-kbyte-s", str(args.rate_kbyte_s)]
     agent = [py, "-m", "agent", "--board", board, "--node", tid, "--flash", t["flash"],
              "--trust", str(directory / "utility.pub"), "--device-key", t["device_key"],
-             "--log-level", args.log_level,
+             "--tls-dir", str(directory / "tls"), "--log-level", args.log_level,
              "--links", f"console={console_agent}", f"hplc={plc_terminal}"]
     meters = [py, "-m", "emulator.meter", "--link", str(plc_meters),
               "--meters", t["meters_file"], "--state", str(directory / f"{tid}.meter-state"),
@@ -195,10 +258,25 @@ def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str) ->
               "--start-spread", str(args.start_spread), "--seed", str(args.seed),
               "--stats", str(directory / f"{tid}.meter-stats.json")]
     cable = ["socat", f"pty,raw,echo=0,link={console}", f"pty,raw,echo=0,link={console_agent}"]
-    return {"cable": {"cmd": cable, "wait": [str(console), str(console_agent)]},
-            "channel": {"cmd": channel, "wait": [str(plc_terminal), str(plc_meters)]},
-            "agent": {"cmd": agent, "wait": []},
-            "meters": {"cmd": meters, "wait": []}}
+    procs = {"cable": {"cmd": cable, "wait": [str(console), str(console_agent)]},
+             "channel": {"cmd": channel, "wait": [str(plc_terminal), str(plc_meters)]},
+             "agent": {"cmd": agent, "wait": []},
+             "meters": {"cmd": meters, "wait": []}}
+    if t.get("etcd"):
+        procs["etcd"] = {"cmd": _etcd_command(directory, tid, t["etcd"], members), "wait": []}
+    return procs
+
+
+def _etcd_command(directory: Path, tid: str, member: dict, members: dict) -> list[str]:
+    from emulator.etcd import member_command
+
+    tls = directory / "tls"
+    name = member["name"]
+    initial = ",".join(f"{m['name']}={m['peer']}" for m in members.values())
+    return member_command(name, directory / f"{tid}.etcd", member["client"], member["peer"],
+                          initial, f"edgekey-{directory.name}", "new",
+                          directory / f"{tid}.etcd.log",
+                          (str(tls / "ca.crt"), str(tls / f"{name}.crt"), str(tls / f"{name}.key")))
 
 
 def _alive(pid: int | None) -> bool:
@@ -251,31 +329,24 @@ def load_fleet(directory: Path) -> dict:
 
 def up(args: argparse.Namespace) -> int:
     directory: Path = args.dir
-    if args.terminals != 1:
-        print("edgekey fleet: this build runs a fleet of one terminal (--terminals 1); "
-              "several terminals need the network ordering", file=sys.stderr)
+    if args.terminals < 1:
+        print("edgekey fleet: --terminals must be at least 1", file=sys.stderr)
         return 2
     fresh = not (directory / "fleet.json").exists()
     if fresh:
         fleet = provision_fleet(directory, terminals=args.terminals, meters=args.meters,
-                                board_name=args.board, seed=args.seed)
+                                board_name=args.board, seed=args.seed,
+                                etcd_members=args.etcd_members)
         for t in fleet["terminals"]:
-            t["processes"] = _commands(directory, t, args, fleet["board"])
+            t["processes"] = _commands(directory, t, args, fleet["board"],
+                                       fleet["etcd"]["members"])
+            t["formatted"] = False
     else:
         fleet = load_fleet(directory)
     try:
+        _start_etcd(directory, fleet, [t["id"] for t in fleet["terminals"]])
         for t in fleet["terminals"]:
-            for name in ("cable", "channel", "agent", "meters"):
-                proc = t["processes"][name]
-                if _alive(proc.get("pid")):
-                    continue
-                extra = ["--format"] if name == "agent" and fresh else None
-                _start(proc, directory, f"{t['id']}.{name}", extra)
-                if name == "agent":
-                    t["console"] = str(directory / f"{t['id']}.console")
-                    t["pid"] = proc["pid"]
-                    t["log"] = proc["log"]
-                    _wait_console(t["console"], proc)
+            _start_terminal(directory, t)
         _write(directory, fleet)
     except (RuntimeError, OSError) as exc:
         _write(directory, fleet)
@@ -286,6 +357,94 @@ def up(args: argparse.Namespace) -> int:
         print(f"{t['id']}: console {t['console']}  agent pid {t['pid']}  log {t['log']}  "
               f"meters {t['meters']}")
     print(f"fleet: {directory / 'fleet.json'}")
+    return 0
+
+
+def _start_terminal(directory: Path, t: dict) -> None:
+    """Whatever of a terminal's group (but etcd) is not running, in order; --format once."""
+    for name in START_ORDER:
+        proc = t["processes"][name]
+        if _alive(proc.get("pid")):
+            continue
+        extra = ["--format"] if name == "agent" and not t.get("formatted", True) else None
+        _start(proc, directory, f"{t['id']}.{name}", extra)
+        if name == "agent":
+            t["console"] = str(directory / f"{t['id']}.console")
+            t["pid"] = proc["pid"]
+            t["log"] = proc["log"]
+            _wait_console(t["console"], proc)
+            t["formatted"] = True
+
+
+def _start_etcd(directory: Path, fleet: dict, ids: list[str]) -> None:
+    """The etcd members of ``ids`` that are not running, then until the cluster has a leader."""
+    started = []
+    for t in fleet["terminals"]:
+        proc = t["processes"].get("etcd")
+        if proc is None or t["id"] not in ids or _alive(proc.get("pid")):
+            continue
+        if (directory / f"{t['id']}.etcd").exists():  # a restart: the member rejoins
+            proc["cmd"] = [("existing" if c == "new" else c) for c in proc["cmd"]]
+        _start(proc, directory, f"{t['id']}.etcd")
+        started.append(t)
+    if not started:
+        return
+    from agent.net.etcd import EtcdClient, EtcdError
+
+    tls = directory / "tls"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for t in started:
+        with EtcdClient([t["etcd"]["client"]], ca=str(tls / "ca.crt"),
+                        cert=str(tls / f"{t['id']}.crt"), key=str(tls / f"{t['id']}.key"),
+                        timeout_s=1.0) as c:
+            while True:
+                if not _alive(t["processes"]["etcd"]["pid"]):
+                    raise RuntimeError(f"etcd of {t['id']} exited (see "
+                                       f"{directory / (t['id'] + '.etcd.log')})")
+                try:
+                    if c.status()["leader"]:
+                        break
+                except EtcdError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd of {t['id']} has no leader after "
+                                       f"{READY_TIMEOUT_S:.0f} s")
+                time.sleep(0.1)
+
+
+def kill(directory: Path, tid: str) -> int:
+    """A power cut of ``tid``: SIGKILL to its agent and its etcd member, nothing else."""
+    fleet = load_fleet(directory)
+    t = next((t for t in fleet["terminals"] if t["id"] == tid), None)
+    if t is None:
+        print(f"edgekey fleet: no terminal {tid!r} in {directory}", file=sys.stderr)
+        return 2
+    killed = []
+    for name in ("agent", "etcd"):
+        pid = t["processes"].get(name, {}).get("pid")
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    _wait_gone(killed, STOP_TIMEOUT_S)
+    print(f"{tid}: killed {len(killed)} process(es)")
+    return 0
+
+
+def start(directory: Path, tid: str) -> int:
+    fleet = load_fleet(directory)
+    t = next((t for t in fleet["terminals"] if t["id"] == tid), None)
+    if t is None:
+        print(f"edgekey fleet: no terminal {tid!r} in {directory}", file=sys.stderr)
+        return 2
+    try:
+        _start_etcd(directory, fleet, [tid])
+        _start_terminal(directory, t)
+    except (RuntimeError, OSError) as exc:
+        print(f"edgekey fleet: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _write(directory, fleet)
+    print(f"{tid}: running, console {t['console']}")
     return 0
 
 

@@ -17,6 +17,7 @@ from agent.console.shell import Call, Command, CommandError, Reply
 from agent.ledger.block import header_hash
 from agent.ledger.chain import scan_records
 from agent.ledger.state import MeterStatus
+from agent.ledger.tx import encode_tx
 from hal.ids import METER_ID_MAX, METER_ID_MIN
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def build_commands(agent: Agent) -> list[Command]:
                 "keys_held": len(agent.terminal.keys.live_meters()),
                 "operations_in_flight": node.inflight,
                 "terminals": chain.state.active_count,
+                "synced": agent.synced, "proposer": node.proposer,
                 "rss_bytes": usage.rss_bytes, "ram_budget_bytes": usage.budget_bytes,
                 "links": {r: ("up" if r in agent.ports or r == "console" else "down")
                           for r in agent.link_urls}}
@@ -99,9 +101,14 @@ def build_commands(agent: Agent) -> list[Command]:
         data = {"meter": meter_id.hex(), "answer": r.answer.value, "home": r.home,
                 "key_version": r.key_version,
                 "fingerprint": r.fingerprint.hex() if r.fingerprint else None,
-                "height": r.height, "key_held_here": held}
+                "height": r.height, "key_held_here": held, "current": agent.synced}
         if r.answer.value == "unknown":
+            if not agent.synced:
+                raise CommandError("EAGAIN", f"meter {meter_id.hex()} is not on the chain here, "
+                                   "and this terminal has not caught up with the fleet")
             raise CommandError("ENOENT", f"meter {meter_id.hex()} is not on the chain")
+        if not agent.synced:  # a restarted terminal never passes a stale answer off as current
+            data["warning"] = "not caught up with the fleet: this answer may be stale"
         return Reply(_lines(list(data.items())), data)
 
     def keys_list(args: list[str], call: Call) -> Reply:
@@ -220,6 +227,33 @@ def build_commands(agent: Agent) -> list[Command]:
                 "spare_capacity": me.capacity - live}
         return Reply(_lines(list(data.items())), data)
 
+    def net(args: list[str], call: Call) -> Reply:
+        network, node = agent.network, agent.terminal.node
+        if network is None:
+            return Reply("a fleet of one: no peers, no ordering service",
+                         {"peers": {}, "synced": True})
+        peers = {p: network.peers.stats(p) for p in network.peers.peers()}
+        ordering = network.ordering
+        data = {"synced": agent.synced, "etcd_up": network.etcd_up,
+                "etcd_endpoint": ordering.client.endpoint, "proposer": node.proposer,
+                "ordering": dict(ordering.counters), "network": dict(network.counts),
+                "transport": dict(network.peers.counters),
+                "forwarding": {k: v for k, v in node.counters.items()
+                               if k.startswith(("forward", "rounds", "proposer", "evidence"))},
+                "evidence": len(node.evidence), "peers": peers}
+        rows: list[tuple[str, object]] = [(k, v) for k, v in data.items() if k != "peers"]
+        rows += [(f"peer {p}", "up" if st.get("connected") else "down") for p, st in
+                 peers.items()]
+        return Reply(_lines(rows), data)
+
+    def net_evidence(args: list[str], call: Call) -> Reply:
+        rows = [{"signer": e.signer, "meter": e.meter_id.hex(), "key_version": e.key_version,
+                 "height": e.height, "first": encode_tx(e.first).hex(),
+                 "second": encode_tx(e.second).hex()} for e in agent.terminal.node.evidence]
+        text = "\n".join(f"{r['signer']} signed two operations on {r['meter']} v"
+                         f"{r['key_version']} (height {r['height']})" for r in rows)
+        return Reply(text or "no equivocation seen", {"evidence": rows})
+
     def route(args: list[str], call: Call) -> Reply:
         others = [t for t in agent.chain.state.active_terminals() if t != agent.opts.node]
         if not others:
@@ -289,6 +323,10 @@ def build_commands(agent: Agent) -> list[Command]:
         Command("meters", "meter links and per-meter counters", meters, json=True),
         Command("place", "this terminal's cluster, site and spare capacity", place, json=True),
         Command("route", "paths to the other terminals", route, json=True),
+        Command("net", "peers, the ordering service and whether this terminal is current",
+                net, json=True),
+        Command("evidence", "equivocations seen here, with both signed transactions",
+                net_evidence, json=True),
         Command("flash", "partitions, use and wear", flash, json=True),
         Command("mem", "RAM use against the board's budget", mem, json=True),
         Command("log", "the newest log lines: log [-n N]", log_, optional=2, json=True),

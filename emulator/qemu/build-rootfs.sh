@@ -22,7 +22,7 @@ set -euo pipefail
 
 SUITE=bookworm
 PACKAGES=(python3 python3-cryptography python3-numpy python3-serial python3-pytest
-          python3-hypothesis python3-tqdm)
+          python3-hypothesis python3-tqdm python3-etcd3gw etcd-server)
 STAMP_REL=etc/edgekey-rootfs   # inside the rootfs: marks a finished build
 
 log() { echo "build-rootfs: $*" >&2; }

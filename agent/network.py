@@ -1,0 +1,246 @@
+"""A terminal's side of the fleet: node actions out to peers and the ordering, answers back in.
+
+    node actions                          -> PeerNet (TLS, agent/net/peers.py)
+      RequestEndorsements, SendEndorsement, RefuseEndorsement, ForwardTxs,
+      RefuseForwarded, SendKey (wrapped by Terminal.export_key), AcknowledgeKey
+    SubmitBlock                           -> EtcdOrdering.submit (agent/net/ordering.py)
+    peer messages                         -> node events (EndorseRequest, ..., KeyReceived)
+    ordering candidates                   -> the first valid one per height -> Terminal.deliver
+    ordering proposer                     -> ProposerChanged
+
+Peer messages and ordering results are queued as they arrive (inside the
+pump's callbacks) and handed to the node core after the pump's pass, so
+the node is never re-entered. Candidates above the next height wait in a
+bounded buffer; a gap that stays open asks the ordering to resync.
+
+``synced`` says whether this terminal is current: the ordering's first
+read is done, etcd answers, and no known candidate is waiting. Until then
+the console and queries say their answers may be stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from agent.keystore.store import KeyStoreError
+from agent.keystore.transport import TransportError
+from agent.ledger.block import decode_block, encode_block, header_hash
+from agent.ledger.chain import LedgerError
+from agent.ledger.codec import DecodeError
+from agent.ledger.rules import Reason
+from agent.net import wire
+from agent.net.ordering import Candidate, EtcdOrdering, OrderingHealth, ProposerIs, Submitted
+from agent.net.peers import PeerNet
+from agent.node import events as ev
+from agent.node.actions import (
+    AcknowledgeKey,
+    Action,
+    ForwardTxs,
+    RefuseEndorsement,
+    RefuseForwarded,
+    RequestEndorsements,
+    SendEndorsement,
+    SendKey,
+    SubmitBlock,
+)
+from agent.terminal import Terminal
+
+log = logging.getLogger("edgekey.network")
+
+MAX_AHEAD = 4096  # candidates above the next height held for the gap to close
+MAX_INBOX = 65536  # peer messages and ordering results between two passes
+GAP_RESYNC_S = 2.0
+
+PEER_ACTIONS = (RequestEndorsements, SendEndorsement, RefuseEndorsement, ForwardTxs,
+                RefuseForwarded, SendKey, AcknowledgeKey, SubmitBlock)
+
+
+class FleetNetwork:
+    """The peers and the ordering of one terminal (module docstring)."""
+
+    def __init__(self, terminal: Terminal, ordering: EtcdOrdering,
+                 peers_factory: Callable[[Callable[[str, object], None]], PeerNet]):
+        self.terminal = terminal
+        self.ordering = ordering
+        self.peers = peers_factory(self._on_message)
+        self.counts: Counter[str] = Counter()
+        self.synced = False
+        self.etcd_up = False
+        self.initial_read = False
+        self._inbox: list[ev.Event] = []
+        self._ahead: dict[int, list[Candidate]] = {}
+        self._gap_since: float | None = None
+
+    # ------------------------------------------------------------- outward
+
+    def route(self, action: Action) -> bool:
+        """Carry a peer or ordering action out; False when it is not one."""
+        if not isinstance(action, PEER_ACTIONS):
+            return False
+        send = self._send
+        if isinstance(action, RequestEndorsements):
+            for peer in action.peers:
+                send(peer, wire.EndorseRequest(action.block))
+        elif isinstance(action, SendEndorsement):
+            send(action.peer, wire.EndorsementMsg(action.height, action.block_hash,
+                                                  action.endorsement))
+        elif isinstance(action, RefuseEndorsement):
+            send(action.peer, wire.EndorsementRefusedMsg(action.height, action.block_hash,
+                                                         int(action.reason)))
+        elif isinstance(action, ForwardTxs):
+            send(action.peer, wire.ForwardTxs(action.txs))
+        elif isinstance(action, RefuseForwarded):
+            send(action.peer, wire.ForwardRefused(action.tx_id, int(action.reason),
+                                                  max(action.height, 0)))
+        elif isinstance(action, SendKey):
+            try:
+                envelope = self.terminal.export_key(action)
+            except (KeyStoreError, LedgerError, OSError) as exc:
+                self.counts["handover.unreadable"] += 1
+                log.warning("hand-over of %s to %s: %s", action.meter_id.hex(), action.peer, exc)
+                return True
+            send(action.peer, wire.KeyHandover(action.meter_id, action.key_version, envelope))
+        elif isinstance(action, AcknowledgeKey):
+            send(action.peer, wire.KeyAck(action.meter_id, action.key_version))
+        elif isinstance(action, SubmitBlock):
+            h = action.block.header
+            self.ordering.submit(h.height, header_hash(h), encode_block(action.block))
+            self.counts["blocks_submitted"] += 1
+        return True
+
+    def _send(self, peer: str, message: object) -> None:
+        if not self.peers.send(peer, message):  # type: ignore[arg-type]
+            self.counts["peer.dropped"] += 1
+
+    # -------------------------------------------------------------- inward
+
+    def _on_message(self, peer: str, message: object) -> None:
+        if len(self._inbox) >= MAX_INBOX:
+            self.counts["inbox.full"] += 1
+            return
+        event = self._event(peer, message)
+        if event is not None:
+            self._inbox.append(event)
+
+    def _event(self, peer: str, m: object) -> ev.Event | None:
+        self.counts[f"in.{type(m).__name__}"] += 1
+        try:
+            if isinstance(m, wire.EndorseRequest):
+                return ev.EndorseRequest(peer, m.block)
+            if isinstance(m, wire.EndorsementMsg):
+                return ev.EndorsementReceived(peer, m.height, m.block_hash, m.endorsement)
+            if isinstance(m, wire.EndorsementRefusedMsg):
+                return ev.EndorsementRefused(peer, m.height, m.block_hash, Reason(m.reason))
+            if isinstance(m, wire.ForwardTxs):
+                return ev.TxsForwarded(peer, m.txs)
+            if isinstance(m, wire.ForwardRefused):
+                return ev.ForwardRefused(peer, m.tx_id, Reason(m.reason), m.height)
+            if isinstance(m, wire.KeyHandover):
+                return self.terminal.open_key(peer, m.meter_id, m.key_version, m.envelope)
+            if isinstance(m, wire.KeyAck):
+                return ev.KeyAcknowledged(peer, m.meter_id, m.key_version)
+        except ValueError as exc:  # an unknown reason code
+            self.counts["in.bad_field"] += 1
+            log.warning("from %s: %s: %s", peer, type(m).__name__, exc)
+        except (TransportError, LedgerError) as exc:
+            self.counts["handover.bad_envelope"] += 1
+            log.warning("hand-over from %s refused: %s", peer, exc)
+        return None
+
+    def take(self) -> tuple[list[ev.Event], list[Action]]:
+        """Peer events for the node, and the actions applying ordered blocks produced."""
+        actions: list[Action] = []
+        for item in self.ordering.poll():
+            if isinstance(item, Candidate):
+                actions.extend(self._candidate(item))
+            elif isinstance(item, ProposerIs):
+                self._inbox.append(ev.ProposerChanged(item.proposer))
+                log.info("proposer: %s", item.proposer)
+            elif isinstance(item, Submitted):
+                if not item.written:
+                    self.counts["submit.failed"] += 1
+                    self._inbox.append(ev.BlockRefused(item.height, item.block_hash,
+                                                       f"not ordered: {item.detail}"))
+            elif isinstance(item, OrderingHealth):
+                self.etcd_up = item.up
+                self.initial_read = self.initial_read or item.up
+                log.log(logging.INFO if item.up else logging.WARNING, "etcd %s %s",
+                        "up" if item.up else "down", item.detail)
+        self._check_gap()
+        self.synced = self.initial_read and self.etcd_up and not self._ahead
+        self.ordering.eligible(self.synced and self.terminal.chain.state.is_active(
+            self.terminal.id))
+        events, self._inbox = self._inbox, []
+        return events, actions
+
+    def _candidate(self, c: Candidate) -> list[Action]:
+        chain = self.terminal.chain
+        tip = -1 if chain.height is None else chain.height
+        if c.height <= tip:
+            self.counts["candidates.settled"] += 1  # that height is decided here already
+            return []
+        if c.height > tip + 1:
+            if sum(len(v) for v in self._ahead.values()) < MAX_AHEAD:
+                self._ahead.setdefault(c.height, []).append(c)
+            else:
+                self.counts["candidates.ahead_dropped"] += 1
+            return []
+        actions = self._judge(c)
+        while chain.height is not None and chain.height + 1 in self._ahead:
+            for later in self._ahead.pop(chain.height + 1):
+                if later.height == chain.height + 1:
+                    actions.extend(self._judge(later))
+        for h in [h for h in self._ahead if chain.height is not None and h <= chain.height]:
+            del self._ahead[h]
+        return actions
+
+    def _judge(self, c: Candidate) -> list[Action]:
+        """Apply ``c`` if it is valid on the chain here; the first valid one wins its height."""
+        try:
+            block = decode_block(c.data)
+        except DecodeError as exc:
+            self.counts["candidates.undecodable"] += 1
+            log.warning("candidate %s undecodable: %s", c.key.decode(errors="replace"), exc)
+            return []
+        if block.header.height != c.height:
+            self.counts["candidates.misfiled"] += 1
+            log.warning("candidate %s holds block %d", c.key.decode(errors="replace"),
+                        block.header.height)
+            return []
+        before = self.terminal.chain.height
+        actions = self.terminal.deliver(block)
+        if self.terminal.chain.height != before:
+            self.counts["blocks_committed"] += 1
+            self.ordering.applied(c.height)
+        else:
+            self.counts["candidates.refused"] += 1
+            log.warning("candidate %s at %d refused by this terminal's rules",
+                        c.key.decode(errors="replace"), c.height)
+        return actions
+
+    def _check_gap(self) -> None:
+        if not self._ahead:
+            self._gap_since = None
+            return
+        now = time.monotonic()
+        if self._gap_since is None:
+            self._gap_since = now
+        elif now - self._gap_since >= GAP_RESYNC_S:
+            self._gap_since = now
+            self.counts["gap.resync"] += 1
+            self.ordering.resync()
+
+    # ---------------------------------------------------------------- misc
+
+    def tick(self) -> None:
+        self.peers.tick()
+
+    def next_deadline(self) -> float | None:
+        return self.peers.next_deadline()
+
+    def close(self) -> None:
+        self.peers.close()
+        self.ordering.stop()
