@@ -232,7 +232,9 @@ def build_commands(agent: Agent) -> list[Command]:
         if network is None:
             return Reply("a fleet of one: no peers, no ordering service",
                          {"peers": {}, "synced": True})
-        peers = {p: network.peers.stats(p) for p in network.peers.peers()}
+        peers = {p: {k: v.hex() if isinstance(v, bytes) else v
+                     for k, v in network.peers.stats(p).items()}
+                 for p in network.peers.peers()}
         ordering = network.ordering
         data = {"synced": agent.synced, "etcd_up": network.etcd_up,
                 "etcd_endpoint": ordering.client.endpoint, "proposer": node.proposer,
