@@ -8,7 +8,10 @@ Injected, in this order, with a fixed seed:
    and its etcd member) of a random minority of the terminals at random
    moments while the meters rotate their keys, each restarted
    (``fleet start``) a moment later;
-2. with the meters stopped, a block written straight into etcd by ecd-04's
+2. the etcd leader's process SIGKILLed alone (its terminal's agent keeps
+   running, its client and watch fail over), then a follower's; each
+   restarted while the meters keep rotating;
+3. with the meters stopped, a block written straight into etcd by ecd-04's
    certificate: signed by ecd-04 but endorsed by nobody.
 
 What must survive: every terminal refuses the forged block and counts it;
@@ -136,7 +139,28 @@ def test_five_terminals_survive_power_cuts_and_refuse_a_forged_block(tmp_path: P
         _wait(lambda: sum(v for v, _ in _acked(d).values()) > before + 10, 60,
               "rotations after the power cuts")
 
-        # 2. Injected: the meters stop; a block nobody endorsed goes straight into etcd.
+        # 2. Injected: the etcd leader killed alone, then a follower; each restarted.
+        tls = d / "tls"
+        hosts = {t["etcd"]["name"]: t for t in fleet["terminals"] if t.get("etcd")}
+        for role in ("leader", "follower"):
+            with EtcdClient(fleet["etcd"]["endpoints"], ca=str(tls / "ca.crt"),
+                            cert=str(tls / "ecd-00.crt"), key=str(tls / "ecd-00.key")) as etcd:
+                st = etcd.status()
+                names = {m["id"]: m["name"] for m in etcd.member_list()}
+            leader = names[st["leader"]]
+            name = leader if role == "leader" else sorted(set(hosts) - {leader})[0]
+            host = hosts[name]
+            os.kill(host["processes"]["etcd"]["pid"], signal.SIGKILL)
+            injected.append([f"etcd {role} {name} ({host['id']})"])
+            before = sum(v for v, _ in _acked(d).values())
+            _wait(lambda b=before: sum(v for v, _ in _acked(d).values()) > b + 5, 60,
+                  f"rotations with the etcd {role} down")
+            r = edgekey("fleet", "start", "--dir", str(d), host["id"])
+            assert r.returncode == 0, r.stdout + r.stderr
+            fleet = json.loads((d / "fleet.json").read_text())
+            hosts = {t["etcd"]["name"]: t for t in fleet["terminals"] if t.get("etcd")}
+
+        # 3. Injected: the meters stop; a block nobody endorsed goes straight into etcd.
         def stop_meters() -> None:
             for t in fleet["terminals"]:
                 pid = t["processes"]["meters"].get("pid")
@@ -151,11 +175,11 @@ def test_five_terminals_survive_power_cuts_and_refuse_a_forged_block(tmp_path: P
         with ConsoleClient(_consoles(fleet)["ecd-00"]) as c:
             tip_hash = bytes.fromhex(_json(c, "status")["tip"])
         cheat = _identity("ecd-04")
+        assert cheat.public_bytes().hex() in (d / "provisioning.json").read_text()
         tx = TxBuilder(cheat).register(b"\x99" * 6, key_version=1,
                                        fingerprint=hashlib.sha256(b"k").digest(), counter=1)
         forged = build_block(cheat, height=tip + 1, prev_hash=tip_hash,
                              timestamp_ms=int(time.time() * 1000), txs=[tx])
-        tls = d / "tls"
         with EtcdClient(fleet["etcd"]["endpoints"], ca=str(tls / "ca.crt"),
                         cert=str(tls / "ecd-04.crt"), key=str(tls / "ecd-04.key")) as etcd:
             key = chain_key(f"/edgekey/{d.name}/".encode(), tip + 1, "ecd-04-forged")
