@@ -36,6 +36,7 @@ from agent import provisioning as prov
 from agent.journal import Journal
 from agent.keystore.material import fingerprint
 from agent.keystore.store import KeyStoreError
+from agent.keystore.transport import open_envelope
 from agent.ledger.block import Block, header_hash
 from agent.ledger.chain import ChainCorruptError, LedgerError
 from agent.ledger.query import query
@@ -44,6 +45,7 @@ from agent.meterlink import MeterLink
 from agent.net.ordering import EtcdOrdering
 from agent.net.peers import PeerNet, tls_contexts
 from agent.net.pki import common_name, sha256_pem
+from agent.net.wire import QueryForward
 from agent.network import FleetNetwork
 from agent.node import events as ev
 from agent.node.actions import (
@@ -56,6 +58,7 @@ from agent.node.actions import (
     SubmitBlock,
 )
 from agent.node.core import NodeConfig
+from agent.remotequery import RemoteQueries
 from agent.terminal import Terminal, open_node_chain
 from hal.blockdev import FileBlockDevice, open_partition
 from hal.board import Board, BoardConfigError, board_path, load_board
@@ -276,6 +279,7 @@ class Agent:
             self.log.event("agent.formatted", genesis=_genesis_hash(p.genesis))
         if p.network is not None:
             self._open_network(p.network)
+        self.queries = self._remote_queries()
         self._run(self.terminal.boot_actions)
         self.log.event("agent.boot", height=self.chain.height,
                        meters=self.chain.state.meter_count,
@@ -311,6 +315,21 @@ class Agent:
         self.log.event("agent.network", peers=len(net.peers) - 1, etcd=list(net.etcd),
                        listen=f"{net.peers[node][0]}:{net.peers[node][1]}")
 
+    def _remote_queries(self) -> RemoteQueries:
+        """Key queries from this terminal to the holder, and the holder's side of them."""
+        allow = self.terminal.peers
+        state, node = self.chain.state, self.opts.node
+
+        def export(meter_id: bytes, requester: str, version: int) -> bytes:
+            return self.terminal.keys.export(meter_id, requester.encode(), allow, version)
+
+        def authorised(requester: str) -> bool:  # an active member the utility provisioned
+            return state.is_active(requester) and requester in {
+                t.terminal_id for t in self.provisioning.terminals}
+
+        return RemoteQueries(node, state, export=export, authorised=authorised,
+                             route=lambda home: (node, home))
+
     def _network_pass(self) -> None:
         """What the peers and the ordering brought since the last pass, into the node."""
         network = self.network
@@ -319,6 +338,14 @@ class Agent:
         events, actions = network.take()
         if actions:
             self._run(actions)
+        if network.query_inbox:
+            incoming, network.query_inbox = network.query_inbox, []
+            now = _clock()
+            for peer, m in incoming:
+                handle = (self.queries.on_forward if isinstance(m, QueryForward)
+                          else self.queries.on_answer)
+                for to, out in handle(peer, m, now):  # type: ignore[arg-type]
+                    network.send(to, out)
         if events:
             self._run(self.terminal.feed_many(events))
         fd = network.ordering.watch_fileno()
@@ -445,6 +472,8 @@ class Agent:
                 self._reconnect(now)
                 if self.network is not None:
                     self.network.tick()
+                    for to, out in self.queries.tick(_clock()):
+                        self.network.send(to, out)
             if now >= next_flush:
                 next_flush = now + FLUSH_S
                 self.journal.flush()
@@ -559,6 +588,18 @@ class Agent:
     def request_stop(self, status: int = 0) -> None:
         self.stopping = True
         self.exit_status = status
+
+    def fetch_key(self, meter_id: bytes, done: Any) -> None:
+        """Ask for ``meter_id``'s key wrapped to this terminal, wherever it is held."""
+        out = self.queries.ask(meter_id, self.opts.node, _clock(), done)
+        for to, m in out:
+            if self.network is not None:
+                self.network.send(to, m)
+
+    def open_fetched(self, meter_id: bytes, key_version: int, envelope: bytes) -> bytes:
+        """A fetched key's envelope opened with this terminal's transport key."""
+        return open_envelope(self.secrets.transport, envelope, meter_id=meter_id,
+                             key_version=key_version, requester_id=self.opts.node.encode())
 
     @property
     def synced(self) -> bool:

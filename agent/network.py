@@ -71,6 +71,7 @@ class FleetNetwork:
         self.etcd_up = False
         self.initial_read = False
         self._inbox: list[ev.Event] = []
+        self.query_inbox: list[tuple[str, wire.QueryForward | wire.QueryAnswer]] = []
         self._ahead: dict[int, list[Candidate]] = {}
         self._gap_since: float | None = None
 
@@ -111,6 +112,9 @@ class FleetNetwork:
             self.counts["blocks_submitted"] += 1
         return True
 
+    def send(self, peer: str, message: object) -> None:
+        self._send(peer, message)
+
     def _send(self, peer: str, message: object) -> None:
         if not self.peers.send(peer, message):  # type: ignore[arg-type]
             self.counts["peer.dropped"] += 1
@@ -142,6 +146,9 @@ class FleetNetwork:
                 return self.terminal.open_key(peer, m.meter_id, m.key_version, m.envelope)
             if isinstance(m, wire.KeyAck):
                 return ev.KeyAcknowledged(peer, m.meter_id, m.key_version)
+            if isinstance(m, wire.QueryForward | wire.QueryAnswer) and \
+                    len(self.query_inbox) < MAX_INBOX:
+                self.query_inbox.append((peer, m))  # the remote queries' (agent/main.py)
         except ValueError as exc:  # an unknown reason code
             self.counts["in.bad_field"] += 1
             log.warning("from %s: %s: %s", peer, type(m).__name__, exc)

@@ -543,3 +543,49 @@ def test_held_output_stays_bounded_when_the_runtime_honours_wants_input(
     out += drain(shell)
     assert shell.wants_input()
     assert out == chunked_output(property_shell(), data, [], None)
+
+
+# ----------------------------------------------------------- deferred replies
+
+def test_a_pending_reply_holds_the_prompt_and_the_next_lines_until_it_is_finished() -> None:
+    from agent.console.shell import Pending
+
+    held: list[Pending] = []
+
+    def fetch(args: list[str], call: Call) -> Pending:
+        p = Pending()
+        held.append(p)
+        return p
+
+    shell = Shell((*TREE, Command("fetch", "answered later", fetch, mandatory=1, json=True)),
+                  echo=False)
+    shell.start()
+    drain(shell)
+    assert feed(shell, b"fetch m1\rledger height\r") == ""  # nothing yet, not even a prompt
+    assert not shell.wants_input()
+    held[0].finish(Reply("key v3", {"version": 3}))
+    out = drain(shell).decode()
+    # the held reply, its status, a prompt, then the line typed meanwhile, answered in order
+    assert out == "key v3\r\nOK\r\n" + PROMPT + "42\r\nOK\r\n" + PROMPT
+    held[0].finish(Reply("again"))  # a second finish does nothing
+    assert drain(shell) == b""
+    feed(shell, b"fetch m2 --json\r")
+    held[1].finish(CommandError("ETIMEDOUT", "no answer from ecd-03 after 2 tries"))
+    assert drain(shell).decode() == "ERR ETIMEDOUT no answer from ecd-03 after 2 tries\r\n" \
+        + PROMPT
+    assert ask(shell, "retval") == ["ETIMEDOUT", "OK"]
+
+
+def test_a_pending_reply_finished_before_the_handler_returns_is_printed_at_once() -> None:
+    from agent.console.shell import Pending
+
+    def fetch(args: list[str], call: Call) -> Pending:
+        p = Pending()
+        p.finish(Reply("local", {"answer": "local"}))
+        return p
+
+    shell = Shell((Command("fetch", "answered at once", fetch, json=True),), echo=False)
+    shell.start()
+    drain(shell)
+    assert ask(shell, "fetch") == ["local", "OK"]
+    assert ask(shell, "fetch --json") == ['{"answer": "local"}', "OK"]

@@ -17,7 +17,8 @@ Injected, in this order, with a fixed seed:
 What must survive: every terminal refuses the forged block and counts it;
 the meters, restarted, still commit past it; once the meters stop, all five
 chains have the same full-state digest; every key version a meter had
-acknowledged is on the chain and its home holds its key.
+acknowledged is on the chain and its home holds its key; a key fetched
+from another terminal (a remote query) opens and matches the chain.
 """
 
 from __future__ import annotations
@@ -221,6 +222,15 @@ def test_five_terminals_survive_power_cuts_and_refuse_a_forged_block(tmp_path: P
                 assert got["fingerprint"] == fingerprint(bytes.fromhex(key)).hex(), (m, got)
             with ConsoleClient(_consoles(fleet)[got["home"]]) as c:
                 assert _json(c, f"keys get {m}")["key_held_here"], (m, got)
+        # A remote key query: ecd-00 fetches keys homed elsewhere, wrapped to itself.
+        remote = [m for m, got in homes.items() if got["home"] != "ecd-00"][:3]
+        assert remote
+        with ConsoleClient(_consoles(fleet)["ecd-00"]) as c:
+            for m in remote:
+                got = _json(c, f"keys fetch {m}")
+                assert got["matches_chain"] and got["path"] == ["ecd-00", homes[m]["home"]]
+                assert got["key_version"] == homes[m]["key_version"]
+            assert c.run("keys fetch 0000deadbeef").code == "ENOENT"
     finally:
         if (d / "fleet.json").exists():
             fleet = json.loads((d / "fleet.json").read_text())

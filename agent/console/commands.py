@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from agent.console.shell import Call, Command, CommandError, Reply
+from agent.console.shell import Call, Command, CommandError, Pending, Reply
 from agent.ledger.block import header_hash
 from agent.ledger.chain import scan_records
 from agent.ledger.state import MeterStatus
@@ -110,6 +110,45 @@ def build_commands(agent: Agent) -> list[Command]:
         if not agent.synced:  # a restarted terminal never passes a stale answer off as current
             data["warning"] = "not caught up with the fleet: this answer may be stale"
         return Reply(_lines(list(data.items())), data)
+
+    def keys_fetch(args: list[str], call: Call) -> Pending:
+        """The key wrapped to this terminal by its holder (forwarded when it is another)."""
+        from agent.keystore.material import fingerprint
+        from agent.keystore.transport import TransportError
+        from agent.remotequery import QueryStatus
+
+        meter_id = _meter(args[0])
+        pending = Pending()
+        codes = {QueryStatus.UNKNOWN_METER: "ENOENT", QueryStatus.NOT_AUTHORISED: "EACCES",
+                 QueryStatus.TIMEOUT: "ETIMEDOUT", QueryStatus.KEY_NOT_HELD: "EAGAIN",
+                 QueryStatus.NO_ROUTE: "EHOSTUNREACH", QueryStatus.REVOKED: "EKEYREVOKED",
+                 QueryStatus.NOT_HOME: "EAGAIN"}
+
+        def done(r: object) -> None:
+            status = r.status  # type: ignore[attr-defined]
+            if status is not QueryStatus.OK:
+                detail = f": {r.detail}" if r.detail else ""  # type: ignore[attr-defined]
+                pending.finish(CommandError(codes.get(status, "EIO"),
+                                            f"{status.name.lower()}{detail}"))
+                return
+            try:
+                key = agent.open_fetched(meter_id, r.key_version, r.envelope)  # type: ignore[attr-defined]
+            except TransportError as exc:
+                pending.finish(CommandError("EBADMSG", f"the envelope does not open: {exc}"))
+                return
+            entry = agent.chain.entry(meter_id)
+            fp = fingerprint(key)
+            data = {"meter": meter_id.hex(), "home": r.path[-1],  # type: ignore[attr-defined]
+                    "key_version": r.key_version, "fingerprint": fp.hex(),  # type: ignore[attr-defined]
+                    "matches_chain": entry is not None and entry.fingerprint == fp
+                    and entry.key_version == r.key_version,  # type: ignore[attr-defined]
+                    "path": list(r.path), "tries": r.tries,  # type: ignore[attr-defined]
+                    "elapsed_ms": round(r.elapsed_s * 1000, 2),  # type: ignore[attr-defined]
+                    "current": agent.synced}
+            pending.finish(Reply(_lines(list(data.items())), data))
+
+        agent.fetch_key(meter_id, done)
+        return pending
 
     def keys_list(args: list[str], call: Call) -> Reply:
         rows = []
@@ -310,6 +349,9 @@ def build_commands(agent: Agent) -> list[Command]:
             Command("get", "where a meter's key is and which it is: keys get <meter hex>",
                     keys_get, mandatory=1, json=True),
             Command("list", "meters whose keys this terminal holds", keys_list, json=True),
+            Command("fetch", "a meter's key from its holder, wrapped to this terminal (only its "
+                    "fingerprint is shown): keys fetch <meter hex>", keys_fetch, mandatory=1,
+                    json=True),
             Command("history", "a meter's key operations on flash: keys history <meter hex>",
                     keys_history, mandatory=1, json=True),
         )),

@@ -114,7 +114,32 @@ class Reply:
     data: object = None
 
 
-Handler = Callable[[list[str], Call], Reply]
+Handler = Callable[[list[str], Call], "Reply | Pending"]
+
+
+class Pending:
+    """A handler's answer that comes later (a query forwarded to another terminal).
+
+    The shell holds the prompt and the operator's next lines until the
+    handler's owner calls ``finish`` with the ``Reply`` or a ``CommandError``;
+    the owner bounds the wait (its own timeout always finishes it).
+    """
+
+    def __init__(self) -> None:
+        self._shell: Shell | None = None
+        self._json = False
+        self.done = False
+        self.result: Reply | CommandError | None = None  # finished before the shell held it
+
+    def finish(self, result: Reply | CommandError) -> None:
+        """Answer the held command now (once; later calls do nothing)."""
+        if self.done:
+            return
+        self.done = True
+        if self._shell is None:
+            self.result = result  # answered at once: the shell prints it when it returns
+            return
+        self._shell._finish(self, result)
 
 
 @dataclass(frozen=True)
@@ -231,6 +256,7 @@ class Shell:
         self._bad: int | None = None  # first byte that makes the line bad
         self._prev_term: int | None = None  # CR or LF just ended a line
         self._retval = "0"
+        self._held: Pending | None = None  # a command whose reply comes later
         # counters
         self._lines = self._ok = self._errors = 0
         self._by_code: dict[str, int] = {}
@@ -262,7 +288,7 @@ class Shell:
 
     def wants_input(self) -> bool:
         """False while output is over ``max_outbox`` or input is held: stop reading the link."""
-        return not self._inbox and len(self._outbox) <= self.max_outbox
+        return not self._inbox and len(self._outbox) <= self.max_outbox and self._held is None
 
     def counters(self) -> dict[str, Any]:
         """A snapshot: lines answered, ok, errors, errors by code, bytes in/out,
@@ -276,7 +302,7 @@ class Shell:
     def _process(self) -> None:
         data = self._inbox
         i, n = 0, len(data)
-        while i < n and len(self._outbox) <= self.max_outbox:
+        while i < n and len(self._outbox) <= self.max_outbox and self._held is None:
             b = data[i]
             if 0x20 <= b <= 0x7E:
                 run = _PRINTABLE_RUN.match(data, i)
@@ -340,7 +366,8 @@ class Shell:
         else:
             self._execute(self._line.decode("ascii"))
         self._reset_line()
-        self._outbox += self._prompt
+        if self._held is None:
+            self._outbox += self._prompt
 
     # ------------------------------------------------------------ execution
 
@@ -390,6 +417,14 @@ class Shell:
     def _call(self, handler: Handler, args: list[str], call: Call) -> None:
         try:
             reply = handler(list(args), call)
+            if isinstance(reply, Pending):
+                if reply.result is None:
+                    reply._shell, reply._json = self, call.json
+                    self._held = reply
+                    return
+                if isinstance(reply.result, CommandError):
+                    raise reply.result
+                reply = reply.result
             if not isinstance(reply, Reply):
                 raise TypeError(f"handler returned {type(reply).__name__}, not Reply")
             text = json.dumps(reply.data, sort_keys=True) if call.json else reply.text
@@ -402,6 +437,20 @@ class Shell:
         else:
             self._emit(Reply(text))
             self._status(None)
+
+    def _finish(self, pending: Pending, result: Reply | CommandError) -> None:
+        if pending is not self._held:
+            return
+        self._held = None
+        if isinstance(result, CommandError):
+            self._status(result.code, result.reason)
+        else:
+            self._emit(Reply(json.dumps(result.data, sort_keys=True) if pending._json
+                             else result.text))
+            self._status(None)
+        self._outbox += self._prompt
+        if self._inbox:
+            self._process()
 
     def _emit(self, reply: Reply) -> None:
         """A reply's text, cut with a note when longer than max_outbox."""
