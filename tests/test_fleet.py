@@ -14,40 +14,22 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from fleetprobe import ROOT, alive, edgekey, wait
 
 from tools.console_client import ConsoleClient
 
 pytestmark = pytest.mark.host_only
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["help", "status", "board", "keys list", "ledger height", "ledger tail -n 3",
             "ledger verify", "ledger block 0", "meters", "place", "route", "flash", "mem",
             "log -n 5"]
 
 
-def edgekey(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def _pids(fleet: dict) -> list[int]:
     return [p["pid"] for t in fleet["terminals"] for p in t["processes"].values()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _acked(directory: Path) -> dict[str, int]:
@@ -58,15 +40,6 @@ def _acked(directory: Path) -> dict[str, int]:
         if state.get("key_version"):
             out[f.stem] = int(state["key_version"])
     return out
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_fleet_of_one_up_console_meters_kill_restart_down(tmp_path: Path):
@@ -87,8 +60,8 @@ def test_fleet_of_one_up_console_meters_kill_restart_down(tmp_path: Path):
             assert not c.run("keys get zz").ok
             assert c.run("route").body.startswith("no other terminals")
             # the meters register, rotate and report readings
-            _wait(lambda: len(_acked(d)) == 20, 60, "20 registrations")
-            _wait(lambda: sum(_acked(d).values()) > 25, 60, "rotations")
+            wait(lambda: len(_acked(d)) == 20, 60, "20 registrations")
+            wait(lambda: sum(_acked(d).values()) > 25, 60, "rotations")
             counts = json.loads(c.run("meters --json").body.splitlines()[-1])
             assert sum(m["readings"] for m in counts["meters"].values()) > 0
         r = subprocess.run([sys.executable, "-m", "tools.cli", "console", t["console"], "-c",
@@ -97,7 +70,7 @@ def test_fleet_of_one_up_console_meters_kill_restart_down(tmp_path: Path):
         assert r.returncode == 1  # the last command's status
         # Injected: SIGKILL of the agent while the meters keep rotating.
         os.kill(t["pid"], 9)
-        _wait(lambda: not _alive(t["pid"]), 10, "the agent to die")
+        wait(lambda: not alive(t["pid"]), 10, "the agent to die")
         before = _acked(d)
         assert edgekey("fleet", "status", "--dir", str(d)).returncode == 1
         r = edgekey("fleet", "up", "--dir", str(d))
@@ -115,4 +88,4 @@ def test_fleet_of_one_up_console_meters_kill_restart_down(tmp_path: Path):
         if (d / "fleet.json").exists():
             fleet = json.loads((d / "fleet.json").read_text())
             edgekey("fleet", "down", "--dir", str(d))
-    assert fleet and not [p for p in _pids(fleet) if _alive(p)]
+    assert fleet and not [p for p in _pids(fleet) if alive(p)]

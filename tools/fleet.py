@@ -28,6 +28,11 @@ restarts whatever is no longer running (an agent after ``kill -9``), never
 re-provisioning. ``down`` stops everything, also after a crash. ``kill ID``
 is a power cut of one terminal (SIGKILL to its agent and its etcd member),
 ``start ID`` powers it on again.
+
+``up --netns`` puts each terminal (its agent and its etcd member) in a
+network namespace of its own on one bridge (emulator/netns.py), so that
+``partition ID...`` can cut terminals off the WAN and ``heal ID...`` bring
+them back: the partition tests' tool. Needs root.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from emulator.netns import NetnsPlan
+from emulator.netns import available as netns_available
 
 STOP_ORDER = ("meters", "agent", "channel", "cable", "etcd")  # meters first, etcd last
 START_ORDER = ("cable", "channel", "agent", "meters")
@@ -78,6 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--etcd-members", type=int, choices=(1, 3, 5), default=None,
                     help="etcd voting members, hosted by the first terminals (default: 3, or 1 "
                          "for fewer than 3 terminals)")
+    up.add_argument("--netns", action="store_true",
+                    help="each terminal in its own network namespace (needed by partition; "
+                         "root only)")
     for name, text in (("status", "exit 0 only when every process answers"),
                        ("down", "stop every process of the fleet")):
         p = fleet.add_parser(name, help=text)
@@ -87,6 +98,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p = fleet.add_parser(name, help=text)
         p.add_argument("--dir", type=Path, default=Path("out/fleet"))
         p.add_argument("id", help="the terminal, e.g. ecd-03")
+    for name, text in (("partition", "cut terminals off the WAN (a fleet started with --netns)"),
+                       ("heal", "give cut terminals their WAN link back")):
+        p = fleet.add_parser(name, help=text)
+        p.add_argument("--dir", type=Path, default=Path("out/fleet"))
+        p.add_argument("ids", nargs="+", help="the terminals, e.g. ecd-03 ecd-04")
     for p in fleet.choices.values():
         p.set_defaults(handler=run)
 
@@ -100,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         return kill(args.dir, args.id)
     if args.fleet_cmd == "start":
         return start(args.dir, args.id)
+    if args.fleet_cmd in ("partition", "heal"):
+        return partition(args.dir, args.ids, cut=args.fleet_cmd == "partition")
     return down(args.dir)
 
 
@@ -122,8 +140,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _network(directory: Path, ids: list[str], fleet_name: str, members: int) -> tuple:
-    """The fleet CA and certificates under DIR/tls, ports, etcd members: (Network, etcd dict)."""
+def _network(directory: Path, ids: list[str], fleet_name: str, members: int,
+             plan: NetnsPlan | None = None) -> tuple:
+    """The fleet CA and certificates under DIR/tls, ports, etcd members: (Network, etcd dict).
+
+    On loopback every listener takes a free port; in namespaces each terminal has its own
+    address and the usual ports (peers 7100, etcd 2379 and 2380)."""
     from agent import provisioning as prov
     from agent.net.pki import FleetCA, sha256_pem
 
@@ -131,22 +153,28 @@ def _network(directory: Path, ids: list[str], fleet_name: str, members: int) -> 
     tls.mkdir(parents=True, exist_ok=True)
     ca = FleetCA.create(fleet_name)
     ca.write(tls)
+    def host(t: str) -> str:
+        return plan.address(t) if plan is not None else "127.0.0.1"
+
+    def port(fixed: int) -> int:
+        return fixed if plan is not None else _free_port()
+
     for t in ids:
-        ca.issue(t).write(tls, t)
-    peers = {t: ("127.0.0.1", _free_port()) for t in ids}
+        ca.issue(t, ips=(host(t), "127.0.0.1")).write(tls, t)
+    peers = {t: (host(t), port(7100)) for t in ids}
     voting = {}
     for i, t in enumerate(ids[:members]):
         name = f"m{i}"
-        ca.issue(name).write(tls, name)
-        voting[t] = {"name": name, "client": f"https://127.0.0.1:{_free_port()}",
-                     "peer": f"https://127.0.0.1:{_free_port()}"}
+        ca.issue(name, ips=(host(t), "127.0.0.1")).write(tls, name)
+        voting[t] = {"name": name, "client": f"https://{host(t)}:{port(2379)}",
+                     "peer": f"https://{host(t)}:{port(2380)}"}
     network = prov.Network(sha256_pem(ca.cert_pem), tuple(m["client"] for m in voting.values()),
                            peers, voting)
     return network, voting
 
 
 def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name: str,
-                    seed: int, etcd_members: int | None = None) -> dict:
+                    seed: int, etcd_members: int | None = None, netns: bool = False) -> dict:
     """Keys, plan, signed provisioning and one flash image per terminal; the fleet description."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -187,9 +215,11 @@ def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name:
                for i, t in enumerate(ids)]
     factory = {meter_id(i): _derive(seed, f"factory {i}") for i in range(meters)}
     network, voting = None, {}
+    plan = NetnsPlan.for_directory(str(directory.resolve()), ids) if netns else None
     if terminals > 1:
         members = etcd_members or (3 if terminals >= 3 else 1)
-        network, voting = _network(directory, ids, directory.name, min(members, terminals))
+        network, voting = _network(directory, ids, directory.name, min(members, terminals),
+                                   plan)
     rows = [(meter_id(i), ids[int(p.assign[i])], (float(points[i, 0]), float(points[i, 1])),
              factory[meter_id(i)]) for i in range(meters)]
     document = prov.document_for(fleet=directory.name, board=board.name,
@@ -200,7 +230,8 @@ def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name:
     (directory / "provisioning.json").write_bytes(signed)
     fleet: dict = {"board": board.name, "seed": seed, "terminals": [], "processes": {},
                    "etcd": {"members": voting,
-                            "endpoints": list(network.etcd) if network else []}}
+                            "endpoints": list(network.etcd) if network else []},
+                   "netns": plan.to_json() if plan is not None else None}
     for t in ids:
         image = directory / f"{t}.img"
         devkey = directory / f"{t}.devkey"
@@ -234,7 +265,7 @@ def _secret_file(path: Path, content: str | bytes, *, binary: bool = False) -> N
 # ================================================================= processes
 
 def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str,
-              members: dict) -> dict[str, dict]:
+              members: dict, plan: NetnsPlan | None = None) -> dict[str, dict]:
     tid = t["id"]
     py = sys.executable
     console, console_agent = directory / f"{tid}.console", directory / f"{tid}.console-agent"
@@ -264,6 +295,10 @@ def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str,
              "meters": {"cmd": meters, "wait": []}}
     if t.get("etcd"):
         procs["etcd"] = {"cmd": _etcd_command(directory, tid, t["etcd"], members), "wait": []}
+    if plan is not None:  # the terminal's own processes run in its namespace
+        for name in ("agent", "etcd"):
+            if name in procs:
+                procs[name]["cmd"] = plan.exec_prefix(tid) + procs[name]["cmd"]
     return procs
 
 
@@ -334,16 +369,26 @@ def up(args: argparse.Namespace) -> int:
         return 2
     fresh = not (directory / "fleet.json").exists()
     if fresh:
+        if args.netns and not netns_available():
+            print("edgekey fleet: --netns needs root, iproute2 and veth/bridge support",
+                  file=sys.stderr)
+            return 2
         fleet = provision_fleet(directory, terminals=args.terminals, meters=args.meters,
                                 board_name=args.board, seed=args.seed,
-                                etcd_members=args.etcd_members)
+                                etcd_members=args.etcd_members, netns=args.netns)
+        plan = _plan(fleet)
         for t in fleet["terminals"]:
             t["processes"] = _commands(directory, t, args, fleet["board"],
-                                       fleet["etcd"]["members"])
+                                       fleet["etcd"]["members"], plan)
             t["formatted"] = False
     else:
         fleet = load_fleet(directory)
     try:
+        plan = _plan(fleet)
+        if plan is not None and (fresh or not any(_alive(p.get("pid")) for t in
+                                                  fleet["terminals"]
+                                                  for p in t["processes"].values())):
+            plan.create()
         _start_etcd(directory, fleet, [t["id"] for t in fleet["terminals"]])
         for t in fleet["terminals"]:
             _start_terminal(directory, t)
@@ -410,6 +455,27 @@ def _start_etcd(directory: Path, fleet: dict, ids: list[str]) -> None:
                     raise RuntimeError(f"etcd of {t['id']} has no leader after "
                                        f"{READY_TIMEOUT_S:.0f} s")
                 time.sleep(0.1)
+
+
+def _plan(fleet: dict) -> NetnsPlan | None:
+    return NetnsPlan.from_json(fleet["netns"]) if fleet.get("netns") else None
+
+
+def partition(directory: Path, ids: list[str], *, cut: bool) -> int:
+    """Take terminals' WAN links down (``cut``) or up again."""
+    fleet = load_fleet(directory)
+    plan = _plan(fleet)
+    if plan is None:
+        print("edgekey fleet: partition needs a fleet started with --netns", file=sys.stderr)
+        return 2
+    unknown = [t for t in ids if t not in plan.terminals]
+    if unknown:
+        print(f"edgekey fleet: no terminal {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    for t in ids:
+        plan.cut(t) if cut else plan.heal(t)
+    print(f"{'cut' if cut else 'healed'}: {' '.join(ids)}")
+    return 0
 
 
 def kill(directory: Path, tid: str) -> int:
@@ -506,6 +572,9 @@ def down(directory: Path) -> int:
             link = directory / f"{t['id']}.{suffix}"
             if link.is_symlink():
                 link.unlink()
+    plan = _plan(fleet)
+    if plan is not None:
+        plan.delete()
     print(f"fleet down: {len(pids)} process(es) stopped"
           + (f", {len(leftover)} killed" if leftover else ""))
     return 0

@@ -283,6 +283,7 @@ class EtcdOrdering:
                     self._do_submit(*arg)  # type: ignore[misc]
                 if time.monotonic() >= next_campaign:
                     next_campaign = time.monotonic() + max(0.5, self.lease_ttl_s / 3)
+                    self._probe()
                     self._do_campaign()
                 self._health(True)
             except EtcdError as exc:
@@ -327,6 +328,15 @@ class EtcdOrdering:
             self._emit(OrderingHealth(True, "watching"))  # wakes the loop to add the fd
         else:
             self._watch.restart(revision + 1)
+
+    def _probe(self) -> None:
+        """A linearizable read of the proposer key: etcd answers with a quorum behind it, or
+        this raises (a partitioned terminal learns it is cut off, and says so); it also
+        corrects the proposer if a watch event was missed."""
+        holder, holder_rev, header_rev = self.client.get(self.proposer_key)
+        name = holder.decode("ascii", "replace") if holder else None
+        for event in self._proposer_seen(name, holder_rev or header_rev):
+            self._emit(event)
 
     def _do_submit(self, height: int, block_hash: bytes, data: bytes) -> None:
         key = chain_key(self.prefix, height, f"{self.terminal_id}-{block_hash[:8].hex()}")

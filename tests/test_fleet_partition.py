@@ -1,0 +1,88 @@
+"""A partition made by the test itself: two of five terminals cut off the WAN, then healed.
+
+``edgekey fleet up --netns`` puts each terminal (agent and etcd member) in
+its own network namespace on one bridge; ``fleet partition`` takes the
+veth links of ecd-02 (which hosts an etcd voting member) and ecd-04 down.
+Injected: the cut, for about six seconds, while every meter keeps rotating.
+
+What must hold: the minority side commits nothing (its heights stay where
+they were, and no meter homed there hears an acknowledgement) while the
+majority side keeps committing; after ``fleet heal`` the minority catches
+up, and once the meters stop all five chains have one full-state digest and
+every acknowledged key version is on the chain. ``fleet down`` removes the
+namespaces. Skipped where namespaces cannot be made (not root).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from fleetprobe import (
+    acked,
+    alive,
+    all_pids,
+    console_json,
+    consoles,
+    digests,
+    edgekey,
+    heights,
+    stop_meters,
+    wait,
+)
+
+from emulator.netns import available
+from tools.console_client import ConsoleClient
+
+pytestmark = [pytest.mark.host_only,
+              pytest.mark.skipif(not available(), reason="network namespaces need root")]
+
+MINORITY = ("ecd-02", "ecd-04")
+
+
+def test_the_minority_side_commits_nothing_and_everything_converges_after_healing(
+        tmp_path: Path):
+    d = tmp_path / "fp"
+    fleet: dict = {}
+    try:
+        r = edgekey("fleet", "up", "--terminals", "5", "--meters", "20", "--dir", str(d),
+                    "--netns", "--reading-every", "0", "--rotate-every", "1.5",
+                    "--start-spread", "1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        fleet = json.loads((d / "fleet.json").read_text())
+        wait(lambda: len(acked(d)) == 20, 60, "every meter registered")
+        assert edgekey("fleet", "partition", "--dir", str(d), *MINORITY).returncode == 0
+        time.sleep(1.0)  # what was already committed may still be acknowledged
+        cut_heights = heights(fleet)
+        cut_acked = acked(d, MINORITY)
+        time.sleep(6.0)
+        during = heights(fleet)
+        for t in MINORITY:  # survives: nothing committed on the minority side
+            assert during[t] == cut_heights[t], (t, cut_heights, during)
+        assert acked(d, MINORITY) == cut_acked
+        majority = [t for t in during if t not in MINORITY]
+        assert min(during[t] - cut_heights[t] for t in majority) > 3, (cut_heights, during)
+        with ConsoleClient(consoles(fleet)[MINORITY[0]]) as c:
+            assert console_json(c, "status")["synced"] is False  # and it says so
+        assert edgekey("fleet", "heal", "--dir", str(d), *MINORITY).returncode == 0
+        wait(lambda: min(heights(fleet)[t] for t in MINORITY) > max(during.values()), 60,
+             "the minority to catch up")
+        stop_meters(fleet)
+        wait(lambda: len(set(heights(fleet).values())) == 1, 30, "equal heights")
+        found = digests(fleet)
+        assert len(set(found.values())) == 1, found
+        with ConsoleClient(consoles(fleet)["ecd-00"]) as c:
+            for m, (version, _key) in acked(d).items():
+                got = console_json(c, f"keys get {m}")
+                assert version <= got["key_version"] <= version + 1, (m, version, got)
+    finally:
+        if (d / "fleet.json").exists():
+            fleet = json.loads((d / "fleet.json").read_text())
+            edgekey("fleet", "down", "--dir", str(d))
+    assert not [p for p in all_pids(fleet) if alive(p)]
+    tag = fleet["netns"]["tag"]
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert tag not in left
