@@ -122,6 +122,7 @@ class Options:
     # agent shares its process with others (the in-process test of the ARM tier).
     enforce_ram: bool = True
     tls_dir: Path = Path(DEFAULT_TLS_DIR)
+    checkpoint_every: int | None = None  # None: the board's [ledger] checkpoint_every
 
 
 def parse_links(values: list[str]) -> dict[str, str]:
@@ -237,7 +238,9 @@ class Agent:
             self.secrets.identity, txs_per_block=ledger_cfg.txs_per_block,
             pow_difficulty=ledger_cfg.pow_difficulty, genesis_hash=_genesis_hash(p.genesis),
             factory_key=self.factory.get,
-            reading_floor=lambda m: journal.ceiling(m) - 1)
+            reading_floor=lambda m: journal.ceiling(m) - 1,
+            checkpoint_every=(ledger_cfg.checkpoint_every if self.opts.checkpoint_every is None
+                              else self.opts.checkpoint_every))
         fl = self.board.flash
         # The chain is opened and judged before anything may write (the key store's opening,
         # the reconcile): a refusal leaves the image as it was.
@@ -309,11 +312,17 @@ class Agent:
         self.network = FleetNetwork(self.terminal, ordering, lambda on_message: PeerNet(
             self.pump, node, self.provisioning.fleet, server_ctx, client_ctx, net.peers[node],
             {t: a for t, a in net.peers.items() if t != node},
-            is_member=lambda t: state.is_active(t), on_message=on_message))
+            is_member=lambda t: state.is_active(t), on_message=on_message),
+            on_adopted=self._adopted, require_pow=self.board.ledger.pow_difficulty)
         self.pump.add_fd(ordering.fileno(), selectors.EVENT_READ, lambda mask: None)
         ordering.start((self.chain.height or 0) + 1)
         self.log.event("agent.network", peers=len(net.peers) - 1, etcd=list(net.etcd),
                        listen=f"{net.peers[node][0]}:{net.peers[node][1]}")
+
+    def _adopted(self, height: int) -> None:
+        """A peer's snapshot became this chain's state: boot again on it (reconcile)."""
+        self.log.event("agent.caught_up_by_snapshot", "warning", height=height)
+        self.request_stop(REEXEC_STATUS)
 
     def _remote_queries(self) -> RemoteQueries:
         """Key queries from this terminal to the holder, and the holder's side of them."""
@@ -659,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-dir", type=Path, default=Path(DEFAULT_TLS_DIR),
                         help="the fleet CA and this terminal's certificate: ca.crt, NODE.crt, "
                              f"NODE.key (default {DEFAULT_TLS_DIR})")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="override the board's [ledger] checkpoint_every (emulation, tests)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         default="info")
     parser.add_argument("--client-address", type=lambda s: int(s, 0),
@@ -692,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = Options(args.board, args.node, args.flash, parse_links(args.links), args.trust,
                        args.device_key, args.format, args.log_level, args.client_address,
-                       tls_dir=args.tls_dir)
+                       tls_dir=args.tls_dir, checkpoint_every=args.checkpoint_every)
         agent = Agent(opts, argv)
     except BootError as exc:
         print(f"edgekey agent: refused to start: {exc}", file=sys.stderr)

@@ -25,12 +25,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from agent.catchup import CatchUp, judge, open_snapshot, snapshot_chunks
 from agent.keystore.store import KeyStoreError
 from agent.keystore.transport import TransportError
 from agent.ledger.block import decode_block, encode_block, header_hash
 from agent.ledger.chain import LedgerError
 from agent.ledger.codec import DecodeError
-from agent.ledger.rules import Reason
+from agent.ledger.errors import ChainCorruptError
+from agent.ledger.rules import Reason, checkpoint_of
 from agent.net import wire
 from agent.net.ordering import Candidate, EtcdOrdering, OrderingHealth, ProposerIs, Submitted
 from agent.net.peers import PeerNet
@@ -53,6 +55,7 @@ log = logging.getLogger("edgekey.network")
 MAX_AHEAD = 4096  # candidates above the next height held for the gap to close
 MAX_INBOX = 65536  # peer messages and ordering results between two passes
 GAP_RESYNC_S = 2.0
+GAP_RESYNCS_BEFORE_SNAPSHOT = 2  # a gap resyncs cannot close: etcd no longer has those blocks
 
 PEER_ACTIONS = (RequestEndorsements, SendEndorsement, RefuseEndorsement, ForwardTxs,
                 RefuseForwarded, SendKey, AcknowledgeKey, SubmitBlock)
@@ -62,7 +65,9 @@ class FleetNetwork:
     """The peers and the ordering of one terminal (module docstring)."""
 
     def __init__(self, terminal: Terminal, ordering: EtcdOrdering,
-                 peers_factory: Callable[[Callable[[str, object], None]], PeerNet]):
+                 peers_factory: Callable[[Callable[[str, object], None]], PeerNet], *,
+                 on_adopted: Callable[[int], None] = lambda height: None,
+                 require_pow: int = 0):
         self.terminal = terminal
         self.ordering = ordering
         self.peers = peers_factory(self._on_message)
@@ -74,6 +79,11 @@ class FleetNetwork:
         self.query_inbox: list[tuple[str, wire.QueryForward | wire.QueryAnswer]] = []
         self._ahead: dict[int, list[Candidate]] = {}
         self._gap_since: float | None = None
+        self._gap_resyncs = 0
+        self.catchup: CatchUp | None = None
+        self.on_adopted = on_adopted
+        self.require_pow = require_pow
+        self._checkpoints: list[int] = []  # heights of the checkpoint blocks applied here
 
     # ------------------------------------------------------------- outward
 
@@ -149,6 +159,13 @@ class FleetNetwork:
             if isinstance(m, wire.QueryForward | wire.QueryAnswer) and \
                     len(self.query_inbox) < MAX_INBOX:
                 self.query_inbox.append((peer, m))  # the remote queries' (agent/main.py)
+            if isinstance(m, wire.SnapshotRequest):
+                chunks = snapshot_chunks(self.terminal.chain, m.height)
+                self.counts["snapshot.served" if chunks else "snapshot.none"] += 1
+                for chunk in chunks or [wire.SnapshotChunk(m.height, 0, 1, b"")]:
+                    self._send(peer, chunk)
+            if isinstance(m, wire.SnapshotChunk) and self.catchup is not None:
+                self._snapshot_chunk(peer, m)
         except ValueError as exc:  # an unknown reason code
             self.counts["in.bad_field"] += 1
             log.warning("from %s: %s: %s", peer, type(m).__name__, exc)
@@ -222,28 +239,112 @@ class FleetNetwork:
         if self.terminal.chain.height != before:
             self.counts["blocks_committed"] += 1
             self.ordering.applied(c.height)
+            if checkpoint_of(block) is not None:
+                self._checkpoint_applied(c.height)
         else:
             self.counts["candidates.refused"] += 1
             log.warning("candidate %s at %d refused by this terminal's rules",
                         c.key.decode(errors="replace"), c.height)
         return actions
 
+    def _checkpoint_applied(self, height: int) -> None:
+        """The proposer keeps etcd's blocks from the checkpoint before this one on."""
+        self._checkpoints = [*self._checkpoints[-1:], height]
+        node = self.terminal.node
+        if len(self._checkpoints) == 2 and node.proposer == self.terminal.id:
+            self.ordering.retain_from(self._checkpoints[0])
+            self.counts["retained"] += 1
+
     def _check_gap(self) -> None:
         if not self._ahead:
-            self._gap_since = None
+            self._gap_since, self._gap_resyncs = None, 0
             return
         now = time.monotonic()
         if self._gap_since is None:
             self._gap_since = now
         elif now - self._gap_since >= GAP_RESYNC_S:
             self._gap_since = now
-            self.counts["gap.resync"] += 1
-            self.ordering.resync()
+            self._gap_resyncs += 1
+            if self._gap_resyncs > GAP_RESYNCS_BEFORE_SNAPSHOT and self.catchup is None:
+                self._start_catchup(now)
+            else:
+                self.counts["gap.resync"] += 1
+                self.ordering.resync()
+
+    # ------------------------------------------------------------ catch-up
+
+    def _start_catchup(self, now: float) -> None:
+        """etcd no longer has the blocks after our tip: a peer's snapshot at a checkpoint."""
+        self._gap_resyncs = 0
+        # The newest checkpoint: a peer keeps the snapshot of the last one it applied.
+        for height in sorted(self._ahead, reverse=True):
+            for c in self._ahead[height]:
+                try:
+                    block = decode_block(c.data)
+                except DecodeError:
+                    continue
+                cp = checkpoint_of(block)
+                if cp is None or cp.counter != height - 1:
+                    continue
+                state = self.terminal.chain.state
+                others = sorted(t for t in state.active_terminals()
+                                if t not in (self.terminal.id, block.header.proposer))
+                peers = [block.header.proposer, *others]
+                self.catchup = CatchUp(block, peers)
+                self.counts["catchup.started"] += 1
+                log.warning("blocks %d..%d are gone from etcd: catching up from a snapshot at "
+                            "%d, checked against the checkpoint of block %d",
+                            (self.terminal.chain.height or 0) + 1, height - 1, height - 1, height)
+                self.catchup.next_peer(now, self._send)
+                return
+        self.counts["catchup.no_checkpoint"] += 1
+
+    def _snapshot_chunk(self, peer: str, m: wire.SnapshotChunk) -> None:
+        cu = self.catchup
+        assert cu is not None
+        try:
+            data = cu.chunk(peer, m)
+        except ValueError as exc:
+            return self._snapshot_refused(peer, str(exc))
+        if data is None:
+            return
+        info = self.terminal.chain.state.terminal(peer)
+        if info is None:
+            return self._snapshot_refused(peer, "not a member here")
+        try:
+            records, state = open_snapshot(data, info.public_key)
+        except (ValueError, ChainCorruptError) as exc:
+            return self._snapshot_refused(peer, f"unreadable: {exc}")
+        why = judge(state, cu.block, self.terminal.chain.state, require_pow=self.require_pow)
+        if why is not None:
+            return self._snapshot_refused(peer, why)
+        self.terminal.chain.adopt(records, state)
+        self.counts["catchup.adopted"] += 1
+        log.warning("adopted %s's snapshot at height %d (%d meters): rebooting to reconcile",
+                    peer, cu.height, state.meter_count)
+        self.catchup = None
+        self.on_adopted(cu.height)
+
+    def _snapshot_refused(self, peer: str, why: str) -> None:
+        cu = self.catchup
+        assert cu is not None
+        self.counts["catchup.refused"] += 1
+        cu.refusals.append(f"{peer}: {why}")
+        log.warning("snapshot from %s refused: %s", peer, why)
+        if not cu.next_peer(time.monotonic(), self._send):
+            log.error("no peer gave a snapshot that checks: %s", "; ".join(cu.refusals))
+            self.catchup = None  # tried again at the next gap
+
+    def _catchup_tick(self) -> None:
+        cu = self.catchup
+        if cu is not None and cu.asked is not None and time.monotonic() > cu.deadline:
+            self._snapshot_refused(cu.asked, "no answer in time")
 
     # ---------------------------------------------------------------- misc
 
     def tick(self) -> None:
         self.peers.tick()
+        self._catchup_tick()
 
     def next_deadline(self) -> float | None:
         return self.peers.next_deadline()

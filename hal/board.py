@@ -143,6 +143,10 @@ class Ledger:
     pow_difficulty: int = _spec(0, 32, doc="leading zero bits a block's hash needs; 0 = no "
                                            "seal (ordering is etcd's), 8 = the paper's setting")
     txs_per_block: int = _spec(1, 1024, doc="most transactions one proposed block carries")
+    checkpoint_every: int = _spec(0, 1 << 32, default=1000,
+                                  doc="a proposer puts the parent state's digest in every block "
+                                      "at a multiple of this height (0: never); etcd keeps "
+                                      "blocks from the checkpoint before the newest on")
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,9 @@ def transactions(draw: st.DrawFn, signed_by: TerminalIdentity | None = None) -> 
             home=draw(tids),
             proof=ZERO_HASH if kind in (TxKind.REGISTER, TxKind.MIGRATE) else draw(hashes),
             counter=draw(st.integers(0, 2**64 - 1)))
+    elif kind is TxKind.CHECKPOINT:
+        tx = Transaction(kind, proposer, counter=draw(st.integers(0, 2**64 - 1)),
+                         fingerprint=draw(nonzero))
     else:
         tx = Transaction(kind, proposer, terminal=draw(tids), public_key=draw(hashes))
     if signed_by is not None:
@@ -335,7 +338,7 @@ def test_make_tx_and_builder_agree() -> None:
 @pytest.mark.parametrize(("mutate", "field"), [
     (lambda d: b"\x02" + d[1:], "tx.version"),
     (lambda d: d[:1] + b"\x00" + d[2:], "tx.kind"),
-    (lambda d: d[:1] + b"\x07" + d[2:], "tx.kind"),
+    (lambda d: d[:1] + b"\x08" + d[2:], "tx.kind"),
     (lambda d: d[:2] + b"\x00" + d[3:], "tx.proposer"),
     (lambda d: d[:2] + b"\x21" + d[3:], "tx.proposer"),
     (lambda d: d[:3] + b" " + d[4:], "tx.proposer"),
@@ -394,7 +397,7 @@ def test_a_decoded_transaction_names_its_meter_and_terminals_by_their_id_types(
     assert type(back.proposer) is TerminalId
     if tx.kind.is_meter:
         assert type(back.meter_id) is MeterId and type(back.home) is TerminalId
-    else:
+    elif tx.kind.is_member:
         assert type(back.terminal) is TerminalId
 
 

@@ -23,7 +23,7 @@ from agent.ledger.block import (
     seal,
     with_endorsements,
 )
-from agent.ledger.codec import ZERO_HASH
+from agent.ledger.codec import ZERO_HASH, LedgerValueError
 from agent.ledger.identity import TerminalIdentity
 from agent.ledger.rules import (
     Reason,
@@ -39,6 +39,7 @@ from agent.ledger.tx import (
     Transaction,
     TxBuilder,
     TxKind,
+    decode_tx,
     encode_tx,
     make_tx,
     rotation_proof_digest,
@@ -900,3 +901,36 @@ def test_an_endorser_refuses_a_stamp_far_ahead_of_its_clock() -> None:
     within = propose_block(state, T[0], [], timestamp_ms=now + rules.MAX_CLOCK_SKEW_MS)
     assert check_proposal(state, within, now_ms=now).block_ok
     assert check_proposal(state, late).block_ok  # without a clock (at commit) it cannot tell
+
+
+# -------------------------------------------------------------- checkpoints
+
+def test_a_checkpoint_of_the_parent_state_by_the_proposer_commits_and_changes_nothing() -> None:
+    state = fresh()
+    live_meter(state)
+    before = state.digest()
+    tip = state.tip
+    cp = B[0].checkpoint(tip.height, before)
+    verdict = commit(state, [cp, B[2].register(b"\x01" * 6, key_version=1, fingerprint=fp(2),
+                                               counter=1)])
+    assert verdict.tx_codes == (None, None)
+    assert state.meter(METER) is not None and state.tip.height == tip.height + 1
+    encoded = decode_tx(encode_tx(cp))
+    assert encoded == cp and encoded.kind is TxKind.CHECKPOINT
+
+
+def test_a_checkpoint_with_a_wrong_digest_height_signer_or_twice_is_refused() -> None:
+    state = fresh()
+    live_meter(state)
+    d, h = state.digest(), state.tip.height
+    wrong = hashlib.sha256(b"another state").digest()
+    assert codes(state, [B[0].checkpoint(h, wrong)]) == (Reason.BAD_CHECKPOINT,)
+    assert codes(state, [B[0].checkpoint(h - 1, d)]) == (Reason.BAD_CHECKPOINT,)
+    # only the block's proposer (T[0] here) may state the digest
+    assert codes(state, [B[1].checkpoint(h, d)]) == (Reason.BAD_CHECKPOINT,)
+    assert codes(state, [B[0].checkpoint(h, d), B[0].checkpoint(h, d)]) == \
+        (None, Reason.DUPLICATE_TX)
+    forged = replace(B[0].checkpoint(h, d), signature=bytes(64))
+    assert codes(state, [forged]) == (Reason.BAD_TX_SIGNATURE,)
+    with pytest.raises(LedgerValueError):
+        Transaction(TxKind.CHECKPOINT, "ecd-00", counter=1, fingerprint=ZERO_HASH)

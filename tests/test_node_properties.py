@@ -589,6 +589,12 @@ def garbage_tx(draw: st.DrawFn, world: NodeWorld, probe: Probe) -> Transaction:
     """A signed transaction of valid pieces: any kind, meter, version, counter and proposer."""
     ident = draw(signers(world))
     kind = draw(st.sampled_from(list(TxKind)))
+    if kind is TxKind.CHECKPOINT:  # of any height and digest, the parent's now and then
+        tip = probe.state.tip
+        height = draw(st.one_of(st.just(tip.height if tip else 0), st.integers(0, U64)))
+        digest = draw(st.one_of(st.just(probe.state.digest()),
+                                HASH.filter(lambda h: h != ZERO_HASH)))
+        return make_tx(ident, kind, counter=height, fingerprint=digest)
     if not kind.is_meter:
         other = draw(signers(world))
         return make_tx(ident, kind, terminal=other.terminal_id,

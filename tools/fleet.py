@@ -86,6 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--etcd-members", type=int, choices=(1, 3, 5), default=None,
                     help="etcd voting members, hosted by the first terminals (default: 3, or 1 "
                          "for fewer than 3 terminals)")
+    up.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                    help="blocks between checkpoints (default: the board's); etcd keeps the "
+                         "blocks from the checkpoint before the newest on")
     up.add_argument("--netns", action="store_true",
                     help="each terminal in its own network namespace (needed by partition; "
                          "root only)")
@@ -282,6 +285,9 @@ def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str,
              "--trust", str(directory / "utility.pub"), "--device-key", t["device_key"],
              "--tls-dir", str(directory / "tls"), "--log-level", args.log_level,
              "--links", f"console={console_agent}", f"hplc={plc_terminal}"]
+    if args.checkpoint_every is not None:
+        agent[agent.index("--links"):agent.index("--links")] = [
+            "--checkpoint-every", str(args.checkpoint_every)]
     meters = [py, "-m", "emulator.meter", "--link", str(plc_meters),
               "--meters", t["meters_file"], "--state", str(directory / f"{tid}.meter-state"),
               "--reading-every", str(args.reading_every),
@@ -314,7 +320,14 @@ def _etcd_command(directory: Path, tid: str, member: dict, members: dict) -> lis
                           (str(tls / "ca.crt"), str(tls / f"{name}.crt"), str(tls / f"{name}.key")))
 
 
-def _alive(pid: int | None) -> bool:
+def _mark(directory: Path) -> str:
+    return str(directory.resolve())
+
+
+def _alive(pid: int | None, mark: str | None = None) -> bool:
+    """A running process of a fleet (``mark``: of the fleet in that directory). pids come
+    round again quickly (pid_max is often 32768): a pid that now belongs to another fleet's
+    process, or to anything else, is not alive for this one."""
     if not pid:
         return False
     try:
@@ -329,7 +342,9 @@ def _alive(pid: int | None) -> bool:
                 return False
     except (OSError, IndexError, ChildProcessError):
         pass
-    return PROCESS_MARK.encode() in env
+    if mark is None:
+        return PROCESS_MARK.encode() in env
+    return f"{PROCESS_MARK}={mark}".encode() in env.split(b"\0")
 
 
 def _start(proc: dict, directory: Path, name: str, extra: list[str] | None = None) -> None:
@@ -385,7 +400,7 @@ def up(args: argparse.Namespace) -> int:
         fleet = load_fleet(directory)
     try:
         plan = _plan(fleet)
-        if plan is not None and (fresh or not any(_alive(p.get("pid")) for t in
+        if plan is not None and (fresh or not any(_alive(p.get("pid"), _mark(directory)) for t in
                                                   fleet["terminals"]
                                                   for p in t["processes"].values())):
             plan.create()
@@ -409,7 +424,7 @@ def _start_terminal(directory: Path, t: dict) -> None:
     """Whatever of a terminal's group (but etcd) is not running, in order; --format once."""
     for name in START_ORDER:
         proc = t["processes"][name]
-        if _alive(proc.get("pid")):
+        if _alive(proc.get("pid"), _mark(directory)):
             continue
         extra = ["--format"] if name == "agent" and not t.get("formatted", True) else None
         _start(proc, directory, f"{t['id']}.{name}", extra)
@@ -417,7 +432,7 @@ def _start_terminal(directory: Path, t: dict) -> None:
             t["console"] = str(directory / f"{t['id']}.console")
             t["pid"] = proc["pid"]
             t["log"] = proc["log"]
-            _wait_console(t["console"], proc)
+            _wait_console(t["console"], proc, _mark(directory))
             t["formatted"] = True
 
 
@@ -426,7 +441,7 @@ def _start_etcd(directory: Path, fleet: dict, ids: list[str]) -> None:
     started = []
     for t in fleet["terminals"]:
         proc = t["processes"].get("etcd")
-        if proc is None or t["id"] not in ids or _alive(proc.get("pid")):
+        if proc is None or t["id"] not in ids or _alive(proc.get("pid"), _mark(directory)):
             continue
         if (directory / f"{t['id']}.etcd").exists():  # a restart: the member rejoins
             proc["cmd"] = [("existing" if c == "new" else c) for c in proc["cmd"]]
@@ -443,7 +458,7 @@ def _start_etcd(directory: Path, fleet: dict, ids: list[str]) -> None:
                         cert=str(tls / f"{t['id']}.crt"), key=str(tls / f"{t['id']}.key"),
                         timeout_s=1.0) as c:
             while True:
-                if not _alive(t["processes"]["etcd"]["pid"]):
+                if not _alive(t["processes"]["etcd"]["pid"], _mark(directory)):
                     raise RuntimeError(f"etcd of {t['id']} exited (see "
                                        f"{directory / (t['id'] + '.etcd.log')})")
                 try:
@@ -488,10 +503,10 @@ def kill(directory: Path, tid: str) -> int:
     killed = []
     for name in ("agent", "etcd"):
         pid = t["processes"].get(name, {}).get("pid")
-        if _alive(pid):
+        if _alive(pid, _mark(directory)):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
-    _wait_gone(killed, STOP_TIMEOUT_S)
+    _wait_gone(killed, STOP_TIMEOUT_S, _mark(directory))
     print(f"{tid}: killed {len(killed)} process(es)")
     return 0
 
@@ -514,12 +529,12 @@ def start(directory: Path, tid: str) -> int:
     return 0
 
 
-def _wait_console(url: str, proc: dict) -> None:
+def _wait_console(url: str, proc: dict, mark: str | None = None) -> None:
     from tools.console_client import ConsoleClient, ConsoleTimeout
 
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not _alive(proc["pid"]):
+        if not _alive(proc["pid"], mark):
             raise RuntimeError(f"the agent exited (see {proc['log']})")
         try:
             with ConsoleClient(url, timeout=2.0) as c:
@@ -538,7 +553,7 @@ def status(directory: Path) -> int:
     bad = 0
     for t in fleet["terminals"]:
         for name, proc in t["processes"].items():
-            alive = _alive(proc.get("pid"))
+            alive = _alive(proc.get("pid"), _mark(directory))
             bad += not alive
             print(f"{t['id']} {name:<8} pid {proc.get('pid')}: {'running' if alive else 'DOWN'}")
         try:
@@ -559,14 +574,14 @@ def down(directory: Path) -> int:
         for t in fleet["terminals"]:
             proc = t.get("processes", {}).get(name, {})
             pid = proc.get("pid")
-            if _alive(pid):
+            if _alive(pid, _mark(directory)):
                 os.kill(pid, signal.SIGTERM)
                 pids.append(pid)
-                _wait_gone([pid], STOP_TIMEOUT_S)
-    leftover = [p for p in pids if _alive(p)]
+                _wait_gone([pid], STOP_TIMEOUT_S, _mark(directory))
+    leftover = [p for p in pids if _alive(p, _mark(directory))]
     for pid in leftover:
         os.kill(pid, signal.SIGKILL)
-    _wait_gone(leftover, STOP_TIMEOUT_S)
+    _wait_gone(leftover, STOP_TIMEOUT_S, _mark(directory))
     for t in fleet["terminals"]:
         for suffix in ("console", "console-agent", "plc-terminal", "plc-meters"):
             link = directory / f"{t['id']}.{suffix}"
@@ -580,9 +595,9 @@ def down(directory: Path) -> int:
     return 0
 
 
-def _wait_gone(pids: list[int], timeout: float) -> None:
+def _wait_gone(pids: list[int], timeout: float, mark: str | None = None) -> None:
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(_alive(p, mark) for p in pids) and time.monotonic() < deadline:
         for p in pids:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(p, os.WNOHANG)

@@ -212,7 +212,9 @@ def build_commands(agent: Agent) -> list[Command]:
         row = _head_row(height)
         row["transactions"] = [{"kind": t.kind.name.lower(), "meter": t.meter_id.hex(),
                                 "key_version": t.key_version, "home": t.home,
-                                "counter": t.counter} for t in block.txs]
+                                "counter": t.counter, **({"digest": t.fingerprint.hex()}
+                                                         if t.kind.name == "CHECKPOINT" else {})}
+                               for t in block.txs]
         text = _lines([(k, v) for k, v in row.items() if k != "transactions"])
         text += "".join(f"\n  {t['kind']:<12} {t['meter']} v{t['key_version']} {t['home']}"
                         for t in row["transactions"])

@@ -62,7 +62,14 @@ from agent.ledger.errors import (
 )
 from agent.ledger.identity import TerminalIdentity
 from agent.ledger.proof import RecordProof, record_proof
-from agent.ledger.rules import Changes, PlacementOracle, Verdict, apply_block, validate_block
+from agent.ledger.rules import (
+    Changes,
+    PlacementOracle,
+    Verdict,
+    apply_block,
+    checkpoint_of,
+    validate_block,
+)
 from agent.ledger.state import LedgerState, MeterEntry
 from agent.ledger.tx import Transaction, decode_tx, encode_tx
 from hal.blockdev import BlockDevice
@@ -161,6 +168,14 @@ class Chain:
         if not verdict.block_ok:
             assert verdict.block_reason is not None
             raise BlockRejected(block.header.height, verdict.block_reason, verdict.tx_codes)
+        if checkpoint_of(block) is not None:
+            # The state the checkpoint digests, sealed on flash before the block goes on:
+            # what this terminal serves to one catching up from it (snapshot_records).
+            try:
+                self.snapshot()
+            except (LedgerError, LogError, OSError) as exc:
+                self.space_warning = f"checkpoint snapshot abandoned: {exc}"
+                log.warning("ledger: %s", self.space_warning)
         payloads = [_tag(REC_TX, encode_tx(tx)) for tx in block.txs]
         payloads.append(_tag(REC_HEAD, encode_head(block)))
         try:
@@ -302,6 +317,53 @@ class Chain:
         self._snapshot_start = start_seq
         self.snapshots_written += 1
         return self.log.release(start_seq)
+
+    def snapshot_records(self) -> tuple[int, list[bytes]] | None:
+        """The newest sealed snapshot on flash as (its height, its S, M... and E records), to
+        hand to a peer catching up; None when there is none."""
+        start = self._snapshot_start
+        if start is None:
+            return None
+        records: list[bytes] = []
+        height = -1
+        for _seq, payload in self.log.records(start):
+            kind = payload[0] if payload else -1
+            if kind == REC_SNAP_START:
+                if records:
+                    break
+                height = int.from_bytes(payload[2:10], "big")  # version u8, height u64
+            elif kind not in (REC_SNAP_METER, REC_SNAP_END):
+                break
+            records.append(payload)
+            if kind == REC_SNAP_END:
+                return height, records
+        return None
+
+    def adopt(self, records: list[bytes], restored: LedgerState) -> LedgerState:
+        """Take a peer's snapshot as this chain's state: ``restored`` is what its S, M...,
+        E ``records`` rebuild (agent/catchup.py checked it against a checkpoint a majority
+        endorsed). Written to flash re-sealed by this terminal, older records released; the
+        terminal reboots afterwards so the key store is reconciled with the new state."""
+        self._check_genesis(restored)
+        count = restored.meter_count
+        digest = snap_codec.new_digest(records[0][1:])
+        for payload in records[1:-1]:
+            digest.update(payload[1:])
+        end = snap_codec.encode_end(count, digest.digest(), self.identity)
+        start_seq = self.log.next_seq
+        seqs = self.log.append_many([*records[:-1], _tag(REC_SNAP_END, end)])
+        for meter_id, seq in zip((snap_codec.decode_entry(p[1:])[0] for p in records[1:-1]),
+                                 seqs[1:-1], strict=True):
+            entry = restored.meter(meter_id)
+            assert entry is not None
+            restored.put_meter(meter_id, entry._replace(seq=seq))
+        self.state.replace_with(restored)
+        self._heads = array("Q")
+        self._base = (restored.tip.height + 1) if restored.tip else 0
+        self._snapshot_start = start_seq
+        self.snapshots_written += 1
+        self.log.release(start_seq)
+        return self.state
 
     def _meters(self) -> Iterator[tuple[bytes, MeterEntry]]:
         for meter_id in list(self.state.meter_ids()):

@@ -47,6 +47,9 @@ Lifecycle (paper, section 2.2.1, steps 1-4; section 2.1 for migration):
 - TERMINAL_ADD / TERMINAL_RETIRE: take effect from the next block, so the
   quorum and the proposers of a block never depend on the block itself.
   Ids and keys are never reused; at least one terminal stays active.
+- CHECKPOINT: at most one per block, proposed by the block's proposer; its
+  height is the parent's and its digest the parent state's (``digest()``),
+  which every validator computes itself. It changes no state.
 
 The genesis block (height 0 on an empty state) is accepted when it is
 self-consistent: only TERMINAL_ADD transactions, all valid, proposed by one
@@ -141,6 +144,7 @@ class Reason(enum.IntEnum):
     LAST_TERMINAL = 44  # a retire that would leave no active terminal
     TOO_MANY_TERMINALS = 45
     KEY_REUSED = 46  # a rotation to the key already in force
+    BAD_CHECKPOINT = 47  # not the parent's height and state digest, not the block's proposer
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,7 +451,16 @@ def _verdict(state: LedgerState, block: Block, placement_home: PlacementOracle |
     view = _Pending(state)
     seen: set[bytes] = set()
     codes: list[Reason | None] = []
+    checkpoints = 0
     for index, (tx, encoding, tid) in enumerate(zip(block.txs, encodings, ids, strict=True)):
+        if tx.kind is TxKind.CHECKPOINT:
+            checkpoints += 1
+            code = _check_checkpoint(tx, h.proposer, state, checkpoints, tid in seen)
+            if code is None and not _tx_signature_ok(proposer.verifier, encoding):
+                code = Reason.BAD_TX_SIGNATURE
+            seen.add(tid)
+            codes.append(code)
+            continue
         code = _check_tx(tx, encoding, tid, seen, view, placement_home, attest_proof)
         seen.add(tid)
         if code is None:
@@ -473,6 +486,24 @@ def _check_tx(tx: Transaction, encoding: bytes, tid: bytes, seen: set[bytes], vi
     if tx.kind.is_meter:
         return _check_meter_tx(tx, view, placement_home, attest_proof)
     return _check_membership_tx(tx, view)
+
+
+def _check_checkpoint(tx: Transaction, proposer: str, state: LedgerState, nth: int,
+                      duplicate: bool) -> Reason | None:
+    """A checkpoint names the parent's height and whole-state digest, once, by the proposer."""
+    if duplicate:
+        return Reason.DUPLICATE_TX
+    tip = state.tip
+    if nth > 1 or tx.proposer != proposer or tip is None or tx.counter != tip.height:
+        return Reason.BAD_CHECKPOINT
+    if tx.fingerprint != state.digest():
+        return Reason.BAD_CHECKPOINT
+    return None
+
+
+def checkpoint_of(block: Block) -> Transaction | None:
+    """The block's CHECKPOINT transaction, if it carries one."""
+    return next((tx for tx in block.txs if tx.kind is TxKind.CHECKPOINT), None)
 
 
 def _validate_genesis(block: Block, require_pow: int, quorum: bool) -> Verdict:
@@ -547,6 +578,8 @@ def apply_block(state: LedgerState, block: Block, verdict: Verdict) -> Changes:
             entry = _meter_effect(tx, state.meter(tx.meter_id), h.height, index)
             state.put_meter(tx.meter_id, entry)
             meters.append(MeterChange(index, tx.kind, tx.meter_id, entry))
+        elif tx.kind is TxKind.CHECKPOINT:
+            continue  # a digest of the parent state: nothing changes
         else:
             if tx.kind is TxKind.TERMINAL_ADD:
                 state.add_terminal(tx.terminal, tx.public_key, h.height)

@@ -12,6 +12,11 @@ information, keys stay on the meter's home terminal). Kinds:
   ``home`` is the new home, version and fingerprint restate the current key.
 - TERMINAL_ADD / TERMINAL_RETIRE: membership; ``terminal`` and its Ed25519
   ``public_key``.
+- CHECKPOINT: the digest of the whole ledger state at ``counter`` (the
+  parent's height), in ``fingerprint``; proposed by the block's proposer.
+  Every terminal checks it against its own state as it applies the block,
+  so a committed checkpoint is a state digest a majority endorsed: what a
+  terminal catching up from a peer's snapshot checks the snapshot against.
 
 Fields that a kind does not use are not on the wire at all (the layout is
 chosen by kind), and the value refuses anything but their empty defaults,
@@ -34,6 +39,7 @@ Layout (big-endian, codec.py)::
     meter    := meter_id:len8(1..16) key_version:u32 fingerprint:32 home:tid
                 proof:32 counter:u64                  (REGISTER..MIGRATE)
     member   := terminal:tid public_key:32             (TERMINAL_ADD/RETIRE)
+    check    := height:u64 digest:32                   (CHECKPOINT)
     tid      := len8(1..32) [A-Za-z0-9._-]
 
 (the id limits are hal/ids.py's; a decoded transaction's ids are ``MeterId``
@@ -93,10 +99,15 @@ class TxKind(enum.IntEnum):
     MIGRATE = 4
     TERMINAL_ADD = 5
     TERMINAL_RETIRE = 6
+    CHECKPOINT = 7
 
     @property
     def is_meter(self) -> bool:
         return self <= TxKind.MIGRATE
+
+    @property
+    def is_member(self) -> bool:
+        return self in (TxKind.TERMINAL_ADD, TxKind.TERMINAL_RETIRE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +186,16 @@ def _problem(tx: Transaction) -> tuple[str, str] | None:
         if tx.terminal != "" or tx.public_key != b"":
             return "terminal", "a meter operation names no terminal or public key"
         return _kind_fields(tx.kind, tx.fingerprint, tx.proof)
+    if tx.kind is TxKind.CHECKPOINT:
+        for name, empty in (("meter_id", b""), ("key_version", 0), ("home", ""),
+                            ("proof", ZERO_HASH), ("terminal", ""), ("public_key", b"")):
+            if getattr(tx, name) != empty:
+                return name, f"a checkpoint carries only a height and a digest: {empty!r}"
+        if not _is_int(tx.counter, 0, U64_MAX):
+            return "counter", "must be a u64 (the height digested)"
+        if not _is_bytes(tx.fingerprint, HASH_LEN, HASH_LEN) or tx.fingerprint == ZERO_HASH:
+            return "fingerprint", f"must be a {HASH_LEN}-byte state digest, not all zero"
+        return None
     # membership: the meter fields keep their empty defaults
     for name, empty in (("meter_id", b""), ("key_version", 0), ("fingerprint", ZERO_HASH),
                         ("home", ""), ("proof", ZERO_HASH), ("counter", 0)):
@@ -201,6 +222,9 @@ def _write_unsigned(w: Writer, tx: Transaction) -> None:
         w.terminal_id(tx.home)
         w.fixed(tx.proof, HASH_LEN)
         w.u64(tx.counter)
+    elif tx.kind is TxKind.CHECKPOINT:
+        w.u64(tx.counter)
+        w.fixed(tx.fingerprint, HASH_LEN)
     else:
         w.terminal_id(tx.terminal)
         w.fixed(tx.public_key, PUBLIC_KEY_LEN)
@@ -252,6 +276,15 @@ def read_tx(r: Reader, prefix: str = "tx") -> Transaction:
         signature = r.fixed(f"{prefix}.signature", SIGNATURE_LEN)
         tx = Transaction(kind, proposer, meter_id=meter_id, key_version=key_version,
                          fingerprint=fingerprint, home=home, proof=proof, counter=counter,
+                         signature=signature)
+    elif kind is TxKind.CHECKPOINT:
+        height = r.u64(f"{prefix}.height")
+        at = r.offset
+        digest = r.fixed(f"{prefix}.digest", HASH_LEN)
+        if digest == ZERO_HASH:
+            raise r.fail(f"{prefix}.digest", "all zero is no state digest", at)
+        signature = r.fixed(f"{prefix}.signature", SIGNATURE_LEN)
+        tx = Transaction(kind, proposer, fingerprint=digest, counter=height,
                          signature=signature)
     else:
         terminal = r.terminal_id(f"{prefix}.terminal")
@@ -359,6 +392,9 @@ class TxBuilder:
     def retire_terminal(self, terminal_id: str, public_key: bytes) -> Transaction:
         return make_tx(self.identity, TxKind.TERMINAL_RETIRE, terminal=terminal_id,
                        public_key=public_key)
+
+    def checkpoint(self, height: int, digest: bytes) -> Transaction:
+        return make_tx(self.identity, TxKind.CHECKPOINT, counter=height, fingerprint=digest)
 
 
 __all__ = [

@@ -202,6 +202,12 @@ class EtcdOrdering:
     def resync(self) -> None:
         self._job("resync", None)
 
+    def retain_from(self, height: int) -> None:
+        """Delete the candidates below ``height`` from etcd and compact its history (the
+        proposer does this from the checkpoint before the newest: a terminal further behind
+        catches up from a snapshot)."""
+        self._job("retain", height)
+
     def stop(self) -> None:
         """Stop the threads, give up the proposership (its lease is revoked), close the pipe."""
         if self._stop.is_set():
@@ -281,6 +287,8 @@ class EtcdOrdering:
                     self._do_resync()
                 elif kind == "submit":
                     self._do_submit(*arg)  # type: ignore[misc]
+                elif kind == "retain":
+                    self._do_retain(arg)  # type: ignore[arg-type]
                 if time.monotonic() >= next_campaign:
                     next_campaign = time.monotonic() + max(0.5, self.lease_ttl_s / 3)
                     self._probe()
@@ -328,6 +336,16 @@ class EtcdOrdering:
             self._emit(OrderingHealth(True, "watching"))  # wakes the loop to add the fd
         else:
             self._watch.restart(revision + 1)
+
+    def _do_retain(self, height: int) -> None:
+        deleted = self.client.delete_range(chain_key(self.prefix, 0, ""),
+                                           chain_key(self.prefix, height, ""))
+        revision = self.client.get(self.proposer_key)[2]
+        self.client.compact(revision)
+        self.counters["retained.deleted"] = self.counters.get("retained.deleted", 0) + deleted
+        self._count("compactions")
+        log.info("etcd: candidates below %d deleted (%d), compacted at revision %d", height,
+                 deleted, revision)
 
     def _probe(self) -> None:
         """A linearizable read of the proposer key: etcd answers with a quorum behind it, or

@@ -146,6 +146,9 @@ class NodeConfig:
     handover_resend_s: float = 5.0  # a handed-over key not yet acknowledged goes again
     max_rounds: int = 3
     max_inflight: int = DEFAULT_MAX_INFLIGHT
+    # A proposer puts a CHECKPOINT (the parent state's digest) in every block at a height
+    # that is a multiple of this (board [ledger] checkpoint_every); 0: never.
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.txs_per_block <= 1024:
@@ -155,6 +158,8 @@ class NodeConfig:
                 raise LocalProtocolError(f"{name} must be positive")
         if self.max_rounds < 1 or self.max_inflight < 1:
             raise LocalProtocolError("max_rounds and max_inflight must be at least 1")
+        if self.checkpoint_every < 0:
+            raise LocalProtocolError("checkpoint_every must be 0 (never) or positive")
 
 
 @dataclass(slots=True, eq=False)
@@ -590,9 +595,11 @@ class Node:
             self._fail_queue(out)
             self._refuse_foreign(list(self._foreign), Reason.RETIRED_PROPOSER, out)
             return
+        checkpoint = self._checkpoint()
         while self._queue or self._foreign:
-            ops, foreign = self._pick()
-            txs = [op.tx for op in ops] + [f.tx for f in foreign]
+            ops, foreign = self._pick(1 if checkpoint else 0)
+            head = [checkpoint] if checkpoint else []
+            txs = head + [op.tx for op in ops] + [f.tx for f in foreign]
             block = propose_block(self.ledger, self.identity, txs,  # type: ignore[arg-type]
                                   timestamp_ms=at.wall_ms, difficulty=self.config.pow_difficulty)
             verdict = check_proposal(self.ledger, block, placement_home=self.config.placement_home,
@@ -607,7 +614,10 @@ class Node:
                     self._fail(op, out, Nak.LEDGER_REFUSED, "", verdict.block_reason)
                 self._refuse_foreign(ids, verdict.block_reason, out)  # type: ignore[arg-type]
                 continue
-            codes = verdict.tx_codes
+            codes = verdict.tx_codes[len(head):]
+            if head and verdict.tx_codes[0] is not None:  # our own digest refused: a bug
+                self._count("checkpoint.refused")
+                checkpoint = None
             for op, code in zip(ops, codes[:len(ops)], strict=True):
                 if code is not None:
                     self._fail(op, out, _nak_for(code), code.name, code)
@@ -634,12 +644,20 @@ class Node:
         else:
             out.append(RequestEndorsements(block, peers))
 
-    def _pick(self) -> tuple[list[Operation], list[_Foreign]]:
+    def _checkpoint(self) -> Transaction | None:
+        """The CHECKPOINT for the next block, when its height is due one (the parent's digest)."""
+        every, tip = self.config.checkpoint_every, self.ledger.tip
+        if not every or tip is None or (tip.height + 1) % every:
+            return None
+        self._count("checkpoints")
+        return self.builder.checkpoint(tip.height, self.ledger.digest())
+
+    def _pick(self, reserved: int = 0) -> tuple[list[Operation], list[_Foreign]]:
         """The next block's share: own operations and forwarded ones, neither starving the other."""
-        limit = self.config.txs_per_block
+        limit = max(1, self.config.txs_per_block - reserved)
         foreign = list(self._foreign.values())
         n_own = min(len(self._queue), max(limit - len(foreign), limit // 2 or 1))
-        n_foreign = min(len(foreign), limit - n_own)
+        n_foreign = max(0, min(len(foreign), limit - n_own))
         return self._queue[:n_own], foreign[:n_foreign]
 
     def _refuse_foreign(self, ids: Sequence[bytes], reason: Reason, out: list[Action]) -> None:
