@@ -101,6 +101,22 @@ class _Member:
         return self.process is not None and self.process.poll() is None
 
 
+def wait_leader(client: EtcdClient, running: Callable[[], bool], timeout_s: float) -> str | None:
+    """Poll a member's status until it knows a leader; why not (exited, no answer), or None."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not running():
+            return "exited"
+        try:
+            if client.status()["leader"]:
+                return None
+        except EtcdError:
+            pass
+        if time.monotonic() > deadline:
+            return f"did not answer within {timeout_s:.0f} s"
+        time.sleep(0.1)
+
+
 def member_command(name: str, data_dir: Path, client_url: str, peer_url: str,
                    initial_cluster: str, token: str, state: str, log: Path,
                    tls: tuple[str, str, str] | None, *, etcd: str = ETCD) -> list[str]:
@@ -342,19 +358,10 @@ class EtcdCluster:
     def _wait_ready(self, i: int) -> None:
         """Until member ``i`` answers its status with a leader; its log tail if it does not."""
         member = self._members[i]
-        deadline = time.monotonic() + READY_TIMEOUT_S
         with self.client(i, timeout_s=1.0) as c:
-            while True:
-                if not member.running():
-                    self._fail(member, "exited")
-                try:
-                    if c.status()["leader"]:
-                        return
-                except EtcdError:
-                    pass
-                if time.monotonic() > deadline:
-                    self._fail(member, f"did not answer within {READY_TIMEOUT_S:.0f} s")
-                time.sleep(0.1)
+            why = wait_leader(c, member.running, READY_TIMEOUT_S)
+        if why is not None:
+            self._fail(member, why)
 
     def _fail(self, member: _Member, what: str) -> None:
         d = self.directory

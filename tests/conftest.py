@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 from hypothesis import HealthCheck, settings
 
@@ -14,3 +15,12 @@ settings.register_profile("host", derandomize=True, max_examples=200, deadline=N
 settings.register_profile("arm", derandomize=True, max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("arm" if EMULATED else "host")
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A test run stopped with SIGTERM (a CI timeout, a kill) unwinds like Ctrl-C: each test's
+# finally blocks run, so the fleets, etcd clusters and agents a test started are stopped.
+signal.signal(signal.SIGTERM, _interrupted)

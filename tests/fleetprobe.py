@@ -91,3 +91,26 @@ def digests(fleet: dict) -> dict[str, str]:
 def all_pids(fleet: dict) -> list[int]:
     return [p["pid"] for t in fleet.get("terminals", []) for p in t["processes"].values()
             if p.get("pid")]
+
+
+def converged(fleet: dict, d: Path, asked_at: str) -> None:
+    """The meters stop; every chain reaches one height and one full-state digest; every key
+    version a meter had acknowledged is on the chain (one ahead at most: a rotation that
+    committed while its ACK was cut off by the stop), as ``asked_at`` reads it."""
+    stop_meters(fleet)
+    wait(lambda: len(set(heights(fleet).values())) == 1, 60, "equal heights")
+    found = digests(fleet)
+    assert len(set(found.values())) == 1, found
+    with ConsoleClient(consoles(fleet)[asked_at]) as c:
+        for m, (version, _key) in acked(d).items():
+            got = console_json(c, f"keys get {m}")
+            assert version <= got["key_version"] <= version + 1, (m, version, got)
+
+
+def down(d: Path, fleet: dict) -> dict:
+    """``fleet down`` (whatever state the test left) and the fleet it read; no process left."""
+    if (d / "fleet.json").exists():
+        fleet = json.loads((d / "fleet.json").read_text())
+        edgekey("fleet", "down", "--dir", str(d))
+    assert not [p for p in all_pids(fleet) if alive(p)]
+    return fleet

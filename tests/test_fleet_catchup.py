@@ -20,13 +20,12 @@ import pytest
 from fleetprobe import (
     acked,
     alive,
-    all_pids,
     console_json,
     consoles,
-    digests,
+    converged,
+    down,
     edgekey,
     heights,
-    stop_meters,
     wait,
 )
 
@@ -75,19 +74,9 @@ def test_a_terminal_behind_the_retained_blocks_catches_up_from_a_checked_snapsho
                 return False
 
         wait(current, 60, "ecd-04 to be current")
-        stop_meters(fleet)
-        wait(lambda: len(set(heights(fleet).values())) == 1, 60, "equal heights")
-        found = digests(fleet)
-        assert len(set(found.values())) == 1, found
-        with ConsoleClient(consoles(fleet)["ecd-04"]) as c:
-            for m, (version, _key) in acked(d).items():
-                got = console_json(c, f"keys get {m}")
-                assert version <= got["key_version"] <= version + 1, (m, version, got)
+        converged(fleet, d, "ecd-04")
     finally:
-        if (d / "fleet.json").exists():
-            fleet = json.loads((d / "fleet.json").read_text())
-            edgekey("fleet", "down", "--dir", str(d))
-    assert not [p for p in all_pids(fleet) if alive(p)]
+        fleet = down(d, fleet)
 
 
 def heights_up(fleet: dict) -> dict[str, int]:

@@ -23,14 +23,12 @@ from pathlib import Path
 import pytest
 from fleetprobe import (
     acked,
-    alive,
-    all_pids,
     console_json,
     consoles,
-    digests,
+    converged,
+    down,
     edgekey,
     heights,
-    stop_meters,
     wait,
 )
 
@@ -70,19 +68,9 @@ def test_the_minority_side_commits_nothing_and_everything_converges_after_healin
         assert edgekey("fleet", "heal", "--dir", str(d), *MINORITY).returncode == 0
         wait(lambda: min(heights(fleet)[t] for t in MINORITY) > max(during.values()), 60,
              "the minority to catch up")
-        stop_meters(fleet)
-        wait(lambda: len(set(heights(fleet).values())) == 1, 30, "equal heights")
-        found = digests(fleet)
-        assert len(set(found.values())) == 1, found
-        with ConsoleClient(consoles(fleet)["ecd-00"]) as c:
-            for m, (version, _key) in acked(d).items():
-                got = console_json(c, f"keys get {m}")
-                assert version <= got["key_version"] <= version + 1, (m, version, got)
+        converged(fleet, d, "ecd-00")
     finally:
-        if (d / "fleet.json").exists():
-            fleet = json.loads((d / "fleet.json").read_text())
-            edgekey("fleet", "down", "--dir", str(d))
-    assert not [p for p in all_pids(fleet) if alive(p)]
+        fleet = down(d, fleet)
     tag = fleet["netns"]["tag"]
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert tag not in left

@@ -449,27 +449,19 @@ def _start_etcd(directory: Path, fleet: dict, ids: list[str]) -> None:
         started.append(t)
     if not started:
         return
-    from agent.net.etcd import EtcdClient, EtcdError
+    from agent.net.etcd import EtcdClient
+    from emulator.etcd import wait_leader
 
     tls = directory / "tls"
-    deadline = time.monotonic() + READY_TIMEOUT_S
     for t in started:
         with EtcdClient([t["etcd"]["client"]], ca=str(tls / "ca.crt"),
                         cert=str(tls / f"{t['id']}.crt"), key=str(tls / f"{t['id']}.key"),
                         timeout_s=1.0) as c:
-            while True:
-                if not _alive(t["processes"]["etcd"]["pid"], _mark(directory)):
-                    raise RuntimeError(f"etcd of {t['id']} exited (see "
-                                       f"{directory / (t['id'] + '.etcd.log')})")
-                try:
-                    if c.status()["leader"]:
-                        break
-                except EtcdError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"etcd of {t['id']} has no leader after "
-                                       f"{READY_TIMEOUT_S:.0f} s")
-                time.sleep(0.1)
+            why = wait_leader(c, lambda t=t: _alive(t["processes"]["etcd"]["pid"],
+                                                    _mark(directory)), READY_TIMEOUT_S)
+        if why is not None:
+            raise RuntimeError(f"etcd of {t['id']} {why} (see "
+                               f"{directory / (t['id'] + '.etcd.log')})")
 
 
 def _plan(fleet: dict) -> NetnsPlan | None:
@@ -493,12 +485,18 @@ def partition(directory: Path, ids: list[str], *, cut: bool) -> int:
     return 0
 
 
-def kill(directory: Path, tid: str) -> int:
-    """A power cut of ``tid``: SIGKILL to its agent and its etcd member, nothing else."""
-    fleet = load_fleet(directory)
+def _terminal(fleet: dict, directory: Path, tid: str) -> dict | None:
     t = next((t for t in fleet["terminals"] if t["id"] == tid), None)
     if t is None:
         print(f"edgekey fleet: no terminal {tid!r} in {directory}", file=sys.stderr)
+    return t
+
+
+def kill(directory: Path, tid: str) -> int:
+    """A power cut of ``tid``: SIGKILL to its agent and its etcd member, nothing else."""
+    fleet = load_fleet(directory)
+    t = _terminal(fleet, directory, tid)
+    if t is None:
         return 2
     killed = []
     for name in ("agent", "etcd"):
@@ -513,9 +511,8 @@ def kill(directory: Path, tid: str) -> int:
 
 def start(directory: Path, tid: str) -> int:
     fleet = load_fleet(directory)
-    t = next((t for t in fleet["terminals"] if t["id"] == tid), None)
+    t = _terminal(fleet, directory, tid)
     if t is None:
-        print(f"edgekey fleet: no terminal {tid!r} in {directory}", file=sys.stderr)
         return 2
     try:
         _start_etcd(directory, fleet, [tid])
