@@ -463,6 +463,8 @@ class Agent:
             wake = min(next_tick, next_flush)
             if self.network is not None:
                 wake = min(wake, self.network.next_deadline() or wake)
+                if self.network.more:  # a backlog of blocks: serve the rest, then go on
+                    wake = now
             timeout = max(0.0, wake - now)
             requests: list[ev.Event] = []
             for name, event in self.pump.run_once(timeout):

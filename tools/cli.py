@@ -115,6 +115,19 @@ def _bench_agent(args: argparse.Namespace) -> int:
     return _emit(result, bench_agent.rows(result), "edgekey bench agent", args.out)
 
 
+def _bench_fleet(args: argparse.Namespace) -> int:
+    from tools import bench_fleet
+
+    result = bench_fleet.run(terminals=args.terminals, meters=args.meters,
+                             etcd_members=args.etcd_members,
+                             rates=tuple(float(x) for x in args.rates.split(",")),
+                             step=args.step, max_rate=args.max_rate, seconds=args.seconds,
+                             drain_s=args.drain, catchup_blocks=args.catchup_blocks,
+                             catchup_txs=args.catchup_txs, seed=args.seed, work=args.work,
+                             log_level=args.log_level, progress=not args.no_progress)
+    return _emit(result, bench_fleet.rows(result), "edgekey bench fleet", args.out)
+
+
 def _paper(args: argparse.Namespace) -> int:
     from tools import paper
 
@@ -227,6 +240,32 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--workdir", default=None, help="scratch folder (default: tmp)")
     ag.add_argument("--out", default="bench/results/agent.json")
     ag.set_defaults(handler=_bench_agent)
+
+    bf = bench.add_parser("fleet", help="a fleet on etcd: ops/s, commit latency beside the "
+                                        "paper's Table 1, CPU and bytes per op, catch-up")
+    bf.add_argument("--terminals", type=int, default=13)
+    bf.add_argument("--meters", type=int, default=300)
+    bf.add_argument("--etcd-members", type=int, choices=(1, 3, 5), default=3,
+                    help="etcd voting members, hosted by the first terminals")
+    bf.add_argument("--rates", default="50,100,150,200",
+                    help="rotations per second offered, one run each (open loop)")
+    bf.add_argument("--step", type=float, default=100.0,
+                    help="past the last rate, go up by this until the fleet saturates")
+    bf.add_argument("--max-rate", type=float, default=1000.0, help="highest rate to offer")
+    bf.add_argument("--seconds", type=float, default=20.0, help="length of each rate's run")
+    bf.add_argument("--drain", type=float, default=10.0,
+                    help="seconds to wait for the answers after a run")
+    bf.add_argument("--catchup-blocks", type=int, default=10_000,
+                    help="blocks a stopped terminal misses and catches up on (0: skip)")
+    bf.add_argument("--catchup-txs", type=int, default=1, help="transactions per such block")
+    bf.add_argument("--seed", type=int, default=1)
+    bf.add_argument("--work", default=None,
+                    help="an empty folder for the fleet, kept afterwards (default: tmp, removed)")
+    bf.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                    help="the agents' log level")
+    bf.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bf.add_argument("--out", default="bench/results/fleet.json")
+    bf.set_defaults(handler=_bench_fleet)
 
     from tools import flash_tool
 
