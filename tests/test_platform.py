@@ -23,7 +23,7 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 # What Debian bookworm's armhf packages give the terminal (python3-numpy
 # 1.24.2, python3-cryptography 38.0.4, python3-serial 3.5, python3 3.11).
-BOOKWORM = {"numpy": (1, 24), "cryptography": (38,), "pyserial": (3, 5)}
+BOOKWORM = {"numpy": (1, 24), "cryptography": (38,), "pyserial": (3, 5), "etcd3gw": (2, 0)}
 
 
 def release(text: str) -> tuple[int, ...]:
@@ -64,7 +64,7 @@ def test_release_parser() -> None:
 
 def test_runtime_dependencies_meet_pyproject_minimums() -> None:
     minimums = runtime_minimums()
-    assert set(minimums) == {"numpy", "cryptography", "pyserial"}
+    assert set(minimums) == {"numpy", "cryptography", "pyserial", "etcd3gw"}
     too_old = {name: version(name) for name, low in minimums.items()
                if release(version(name)) < low}
     assert not too_old, f"installed below pyproject's minimums {minimums}: {too_old}"
