@@ -44,14 +44,20 @@ CLIENT = 0x01
 class AgentProc:
     def __init__(self, directory: Path, *, meters: int = 8, board: str = "host", seed: int = 3,
                  hplc: str | None = None, python: list[str] | None = None):
-        self.dir = directory
         self.fleet = provision_fleet(directory, terminals=1, meters=meters, board_name=board,
                                      seed=seed)
+        self.attach(directory, self.fleet["terminals"][0], board=board, hplc=hplc,
+                    python=python)
+
+    def attach(self, directory: Path, terminal: dict, *, board: str, hplc: str | None = None,
+               python: list[str] | None = None) -> None:
+        """A provisioned terminal of ``tools.fleet`` (its image, device key, meters) and the
+        console and hplc ptys this harness speaks through."""
+        self.dir = directory
         self.board = board
-        t = self.fleet["terminals"][0]
-        self.image = Path(t["flash"])
-        self.device_key = t["device_key"]
-        self.meters = json.loads(Path(t["meters_file"]).read_text())
+        self.image = Path(terminal["flash"])
+        self.device_key = terminal["device_key"]
+        self.meters = json.loads(Path(terminal["meters_file"]).read_text())
         self.console_m, console_s = os.openpty()
         self.link_m, link_s = os.openpty()
         for fd in (console_s, self.link_m, self.console_m):

@@ -55,7 +55,6 @@ import sys
 import tempfile
 import threading
 import time
-import tty
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -102,22 +101,9 @@ class FleetAgent(AgentProc):
 
     def __init__(self, directory: Path, terminal: dict[str, Any], *, board: str,
                  python: list[str], log_level: str):
-        self.dir = directory
         self.id: str = terminal["id"]
-        self.board = board
-        self.image = Path(terminal["flash"])
-        self.device_key = terminal["device_key"]
-        self.meters = json.loads(Path(terminal["meters_file"]).read_text())
-        self.console_m, console_s = os.openpty()
-        self.link_m, link_s = os.openpty()
-        for fd in (console_s, self.link_m, self.console_m):
-            tty.setraw(fd)
-        self._slaves = (console_s, link_s)
-        self.console_path = os.ttyname(console_s)
-        self.link_path = os.ttyname(link_s)
-        self.python = python
+        self.attach(directory, terminal, board=board, python=python)
         self.log_level = log_level
-        self.proc: subprocess.Popen[bytes] | None = None
         self.pids: list[int] = []
         self.stderr_path = directory / f"{self.id}.agent.log"
         self._console_buf = bytearray()

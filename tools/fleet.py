@@ -330,11 +330,18 @@ def _alive(pid: int | None, mark: str | None = None) -> bool:
     process, or to anything else, is not alive for this one."""
     if not pid:
         return False
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read()
-    except OSError:
-        return False
+    env = b""
+    for _ in range(20):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            return False
+        if env:
+            break
+        # Just exec'd: Popen returns once the exec is committed, and the kernel sets up
+        # the new environment a moment later; until then /proc reads it as empty.
+        time.sleep(0.005)
     try:
         with open(f"/proc/{pid}/stat") as f:
             if f.read().rsplit(")", 1)[1].split()[0] == "Z":
