@@ -161,6 +161,8 @@ class Agent:
         logging.getLogger("edgekey").setLevel(logging.INFO)
         self.pump = Pump()
         self.network: FleetNetwork | None = None
+        self.operator_ids = 1 << 62  # above any meter's request ids
+        self.operator_waiting: dict[int, Any] = {}
         self._watch_fd: int | None = None
         self._boot_node()
         self.meter_links: dict[str, MeterLink] = {}
@@ -313,7 +315,8 @@ class Agent:
             self.pump, node, self.provisioning.fleet, server_ctx, client_ctx, net.peers[node],
             {t: a for t, a in net.peers.items() if t != node},
             is_member=lambda t: state.is_active(t), on_message=on_message),
-            on_adopted=self._adopted, require_pow=self.board.ledger.pow_difficulty)
+            on_adopted=self._adopted, require_pow=self.board.ledger.pow_difficulty,
+            etcd_members={t: m["name"] for t, m in net.members.items()})
         self.pump.add_fd(ordering.fileno(), selectors.EVENT_READ, lambda mask: None)
         ordering.start((self.chain.height or 0) + 1)
         self.log.event("agent.network", peers=len(net.peers) - 1, etcd=list(net.etcd),
@@ -557,6 +560,9 @@ class Agent:
     def _action(self, action: Action) -> None:
         if self.network is not None and self.network.route(action):
             return
+        if isinstance(action, Acknowledge | Refuse) and action.request_id in self.operator_waiting:
+            self.operator_waiting.pop(action.request_id)(action)
+            return
         if isinstance(action, Acknowledge | Refuse):
             for name, link in self.meter_links.items():  # the link holding the request
                 frame = link.answer(action)
@@ -599,6 +605,13 @@ class Agent:
     def request_stop(self, status: int = 0) -> None:
         self.stopping = True
         self.exit_status = status
+
+    def operator_request(self, make: Any, done: Any) -> None:
+        """An operator's request into the node core (``make(request_id)`` builds the event);
+        ``done`` gets its Acknowledge or Refuse."""
+        self.operator_ids += 1
+        self.operator_waiting[self.operator_ids] = done
+        self.feed(make(self.operator_ids))
 
     def fetch_key(self, meter_id: bytes, done: Any) -> None:
         """Ask for ``meter_id``'s key wrapped to this terminal, wherever it is held."""

@@ -71,7 +71,7 @@ class FleetNetwork:
     def __init__(self, terminal: Terminal, ordering: EtcdOrdering,
                  peers_factory: Callable[[Callable[[str, object], None]], PeerNet], *,
                  on_adopted: Callable[[int], None] = lambda height: None,
-                 require_pow: int = 0):
+                 require_pow: int = 0, etcd_members: dict[str, str] | None = None):
         self.terminal = terminal
         self.ordering = ordering
         self.peers = peers_factory(self._on_message)
@@ -89,6 +89,7 @@ class FleetNetwork:
         self.on_adopted = on_adopted
         self.require_pow = require_pow
         self._checkpoints: list[int] = []  # heights of the checkpoint blocks applied here
+        self.etcd_members = etcd_members or {}  # terminal -> the etcd member it hosts
 
     # ------------------------------------------------------------- outward
 
@@ -205,7 +206,7 @@ class FleetNetwork:
         self._check_gap()
         self.synced = (self.initial_read and self.etcd_up and not self._ahead
                        and not self._backlog)
-        self.ordering.eligible(self.synced and self.terminal.chain.state.is_active(
+        self.ordering.eligible(self.synced, member=self.terminal.chain.state.is_active(
             self.terminal.id))
         events, self._inbox = self._inbox, []
         return events, actions
@@ -256,11 +257,22 @@ class FleetNetwork:
             self.ordering.applied(c.height)
             if checkpoint_of(block) is not None:
                 self._checkpoint_applied(c.height)
+            self._membership_applied(block)
         else:
             self.counts["candidates.refused"] += 1
             log.warning("candidate %s at %d refused by this terminal's rules",
                         c.key.decode(errors="replace"), c.height)
         return actions
+
+    def _membership_applied(self, block: object) -> None:
+        """A retired terminal that hosted an etcd voting member leaves etcd's membership too
+        (the proposer asks etcd; a replacement joins it with ``member_add``)."""
+        if self.terminal.node.proposer != self.terminal.id:
+            return
+        for tx in block.txs:  # type: ignore[attr-defined]
+            if tx.kind.name == "TERMINAL_RETIRE" and tx.terminal in self.etcd_members:
+                self.ordering.remove_member(self.etcd_members[tx.terminal])
+                self.counts["etcd.member_removed"] += 1
 
     def _checkpoint_applied(self, height: int) -> None:
         """The proposer keeps etcd's blocks from the checkpoint before this one on."""

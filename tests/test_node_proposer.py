@@ -185,3 +185,29 @@ def test_an_equivocating_home_is_caught_with_both_signed_transactions():
     # both are the signer's own signatures: anyone can check them against its public key
     assert found.first.signature and found.second.signature
     assert endorser.node.counters["evidence.equivocation"] == 1
+
+
+def test_a_retired_terminal_stops_counting_and_its_requests_are_refused():
+    fleet = fleet5()
+    net = fleet.net
+    net.elect("ecd-00")
+    net.run()
+    (ack,) = [r for r in net.send("ecd-01", ev.RetireRequest("ecd-04", 1 << 62))
+              if r.request_id == 1 << 62]
+    assert isinstance(ack, Acknowledge) and ack.op.name == "RETIRE" and ack.height
+    for t in net.terminals.values():  # every chain: four active, the majority is three
+        assert t.chain.state.active_count == 4 and not t.chain.state.is_active("ecd-04")
+    keys = meter_keys(fleet)
+    (nak,) = net.send("ecd-04", keys[METERS[0]].register())
+    assert isinstance(nak, Refuse) and nak.reason is Nak.LEDGER_REFUSED
+    assert nak.ledger_reason is Reason.RETIRED_PROPOSER
+    # what it still forwards is refused by the proposer; the fleet commits without it
+    tx = TxBuilder(fleet.fleet.identity("ecd-04")).register(
+        METERS[1], key_version=1, fingerprint=fingerprint(new_key()), counter=1)
+    (refusal,) = net.terminals["ecd-00"].feed(ev.TxsForwarded("ecd-04", (tx,)))
+    assert refusal.reason is Reason.UNKNOWN_PROPOSER
+    event = keys[METERS[2]].register()
+    (ok,) = [r for r in net.send("ecd-02", event) if r.request_id == event.request_id]
+    assert isinstance(ok, Acknowledge)
+    again = net.send("ecd-01", ev.RetireRequest("ecd-04", (1 << 62) + 1))
+    assert again[0].reason is Nak.BAD_REQUEST  # no longer an active terminal

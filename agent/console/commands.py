@@ -297,6 +297,36 @@ def build_commands(agent: Agent) -> list[Command]:
                          f"{r['key_version']} (height {r['height']})" for r in rows)
         return Reply(text or "no equivocation seen", {"evidence": rows})
 
+    def member_list(args: list[str], call: Call) -> Reply:
+        rows = [{"terminal": i.terminal_id, "active": i.active, "added": i.added_height,
+                 "retired": i.retired_height} for i in agent.chain.state.terminals_in_order()]
+        text = "\n".join(f"{r['terminal']:<12} {'active' if r['active'] else 'retired':<8} "
+                         f"added {r['added']}" + (f", retired {r['retired']}"
+                                                  if r["retired"] is not None else "")
+                         for r in rows)
+        return Reply(text, {"terminals": rows, "active": agent.chain.state.active_count})
+
+    def member_retire(args: list[str], call: Call) -> Pending:
+        """Propose TERMINAL_RETIRE; answered once it commits (or is refused)."""
+        from agent.node import events as ev
+        from agent.node.actions import Acknowledge
+
+        pending = Pending()
+
+        def done(a: object) -> None:
+            if isinstance(a, Acknowledge):
+                data = {"terminal": args[0], "height": a.height,
+                        "active": agent.chain.state.active_count}
+                pending.finish(Reply(_lines(list(data.items())), data))
+            else:
+                pending.finish(CommandError("EPERM" if a.reason.name == "LEDGER_REFUSED"  # type: ignore[attr-defined]
+                                            else "EINVAL" if a.reason.name == "BAD_REQUEST"  # type: ignore[attr-defined]
+                                            else "EAGAIN",
+                                            f"{a.reason.name.lower()}: {a.detail}"))  # type: ignore[attr-defined]
+
+        agent.operator_request(lambda rid: ev.RetireRequest(args[0], rid), done)
+        return pending
+
     def route(args: list[str], call: Call) -> Reply:
         others = [t for t in agent.chain.state.active_terminals() if t != agent.opts.node]
         if not others:
@@ -373,6 +403,13 @@ def build_commands(agent: Agent) -> list[Command]:
                 net, json=True),
         Command("evidence", "equivocations seen here, with both signed transactions",
                 net_evidence, json=True),
+        Command("member", "the fleet's membership on the chain", subcommands=(
+            Command("list", "every terminal, active or retired, with its heights", member_list,
+                    json=True),
+            Command("retire", "retire a terminal (endorsed by the majority like any "
+                    "operation): member retire <terminal>", member_retire, mandatory=1,
+                    json=True),
+        )),
         Command("flash", "partitions, use and wear", flash, json=True),
         Command("mem", "RAM use against the board's budget", mem, json=True),
         Command("log", "the newest log lines: log [-n N]", log_, optional=2, json=True),

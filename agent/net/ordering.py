@@ -132,6 +132,7 @@ class EtcdOrdering:
         self._fence: tuple[bytes, int] | None = None  # our proposer key's create revision
         self._lease = 0
         self._eligible = False  # the runtime says it has caught up: it may propose
+        self._member = True  # an active member of the fleet: a retired one steps down
         self._applied = -1
         self._jobs: queue.Queue[tuple[str, object]] = queue.Queue(MAX_JOBS)
         self._out: queue.Queue[OrderingEvent] = queue.Queue()
@@ -195,9 +196,15 @@ class EtcdOrdering:
         """The runtime's chain reached ``height`` (where a resync starts from)."""
         self._applied = max(self._applied, height)
 
-    def eligible(self, ok: bool) -> None:
-        """Whether this terminal may campaign (caught up, an active member)."""
-        self._eligible = ok
+    def eligible(self, ok: bool, *, member: bool = True) -> None:
+        """Whether this terminal may campaign (caught up, an active member); a terminal no
+        longer a member also gives the proposership up."""
+        self._eligible = ok and member
+        self._member = member
+
+    def remove_member(self, name: str) -> None:
+        """Take etcd member ``name`` out of etcd's membership (its terminal was retired)."""
+        self._job("remove_member", name)
 
     def resync(self) -> None:
         self._job("resync", None)
@@ -289,6 +296,8 @@ class EtcdOrdering:
                     self._do_submit(*arg)  # type: ignore[misc]
                 elif kind == "retain":
                     self._do_retain(arg)  # type: ignore[arg-type]
+                elif kind == "remove_member":
+                    self._do_remove_member(arg)  # type: ignore[arg-type]
                 if time.monotonic() >= next_campaign:
                     next_campaign = time.monotonic() + max(0.5, self.lease_ttl_s / 3)
                     self._probe()
@@ -366,7 +375,21 @@ class EtcdOrdering:
                                      else "written before")
         self._emit(Submitted(height, block_hash, written, detail))
 
+    def _do_remove_member(self, name: str) -> None:
+        for m in self.client.member_list():
+            if m.get("name") == name:
+                self.client.member_remove(int(m["id"]))
+                self._count("members.removed")
+                log.warning("etcd member %s removed from etcd's membership", name)
+
     def _do_campaign(self) -> None:
+        if self._lease and not self._member:  # retired: the others elect a proposer
+            self.client.lease_revoke(self._lease)
+            self._lease = 0
+            with self._lock:
+                self._fence = None
+            self._count("stepped_down")
+            return
         if self._lease:
             if self.client.lease_keepalive(self._lease) > 0:
                 return

@@ -47,6 +47,7 @@ class Op(enum.Enum):
     MIGRATE = "migrate"
     READING = "reading"
     QUERY = "query"
+    RETIRE = "retire"  # a terminal leaves the membership (an operator's request)
 
 
 @dataclass(frozen=True, slots=True)

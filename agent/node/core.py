@@ -106,6 +106,8 @@ MAX_READING_COUNTERS = 1 << 20
 # Other terminals' transactions waiting for the proposer's next round: four
 # full blocks; beyond that a forward is refused OVERLOADED and its origin retries.
 MAX_FOREIGN = 4096
+# The operation table's key of a membership request (meter ids are never this long).
+MEMBER_KEY = b"\x00member/"
 # Transactions per ForwardTxs: one full block.
 MAX_TXS_PER_MESSAGE = 1024
 # Equivocation evidence kept for the console and the station (newest kept).
@@ -447,6 +449,28 @@ class Node:
         tx = self.builder.migrate(e.meter_id, new_home=e.new_home, key_version=entry.key_version,
                                   fingerprint=entry.fingerprint, counter=entry.counter + 1)
         self._enqueue(op, tx, None)
+
+    def _on_retire(self, e: ev.RetireRequest, at: ev.Time, out: list[Action]) -> None:
+        key = MEMBER_KEY + str(e.terminal).encode("ascii", "replace")[:32]
+        info = self.ledger.terminal(e.terminal) if isinstance(e.terminal, str) else None
+        if not (isinstance(e.request_id, int) and 0 <= e.request_id <= U64_MAX):
+            return self._refuse(out, Op.RETIRE, key, 0, Nak.BAD_REQUEST, "request id")
+        if info is None or not info.active:
+            return self._refuse(out, Op.RETIRE, key, e.request_id, Nak.BAD_REQUEST,
+                                f"{e.terminal!r} is not an active terminal")
+        if self.ledger.active_count <= 1:
+            return self._refuse(out, Op.RETIRE, key, e.request_id, Nak.LEDGER_REFUSED,
+                                "the last terminal stays", ledger_reason=Reason.LAST_TERMINAL)
+        busy = self._ops.get(key)
+        if busy is not None:
+            if busy.request_id != e.request_id:
+                self._refuse(out, Op.RETIRE, key, e.request_id, Nak.BUSY,
+                             f"retire {busy.request_id} in flight")
+            return
+        if len(self._ops) >= self.config.max_inflight:
+            return self._refuse(out, Op.RETIRE, key, e.request_id, Nak.OVERLOADED)
+        op = Operation(Op.RETIRE, key, e.request_id, at.mono + self.config.op_timeout_s)
+        self._enqueue(op, self.builder.retire_terminal(e.terminal, info.public_key), None)
 
     def _on_reading(self, e: ev.ReadingRequest, at: ev.Time, out: list[Action]) -> None:
         op = self._admit(Op.READING, e.meter_id, e.request_id, e.counter, at, out)
@@ -812,6 +836,9 @@ class Node:
         for index, (tx, tid) in enumerate(zip(block.txs, ids, strict=True)):
             change = by_index.get(index)
             if change is None:
+                member_op = self._by_tx.get(tid) if tx.kind.is_member else None
+                if member_op is not None:  # a membership request of ours committed
+                    self._applied(member_op, height, out)
                 continue
             op = self._by_tx.get(tid)
             late = self._late.pop(tid, None)
@@ -840,7 +867,9 @@ class Node:
         op.advance(OpState.VALIDATED)
         op.advance(OpState.APPLIED)
         op.height = height
-        if op.tx is not None and op.tx.kind is TxKind.MIGRATE:
+        if op.tx is not None and op.tx.kind.is_member:
+            self._acknowledge(op, out)  # the membership changed with the block: nothing to store
+        elif op.tx is not None and op.tx.kind is TxKind.MIGRATE:
             self._handovers[op.meter_id] = (op.tx.home, op.key_version)
             out.append(SendKey(op.tx.home, op.meter_id, op.key_version))
             self._acknowledge(op, out)
@@ -1053,6 +1082,7 @@ _HANDLERS: dict[type, Callable[..., None]] = {
     ev.ReadingRequest: Node._on_reading,
     ev.OperatorRevoke: Node._on_operator_revoke,
     ev.MigrateRequest: Node._on_migrate,
+    ev.RetireRequest: Node._on_retire,
     ev.QueryRequest: Node._on_query,
     ev.EndorseRequest: Node._on_endorse_request,
     ev.EndorsementReceived: Node._on_endorsement,

@@ -93,6 +93,19 @@ class MigrateRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class RetireRequest:
+    """An operator retires ``terminal`` from the membership (TERMINAL_RETIRE on the chain).
+
+    From the next block its endorsements no longer count, the majority is of
+    the terminals left, and its messages are refused; its meters are taken
+    over by their new homes (MIGRATE by the new home is allowed once the old
+    one is retired)."""
+
+    terminal: str
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueryRequest:
     """Where is the meter's key, and which is it (paper, section 2.2.1, step 2)."""
 
@@ -228,7 +241,7 @@ class Tick:
 
 
 Event = (RegisterRequest | RotateRequest | RevokeRequest | ReadingRequest | OperatorRevoke
-         | MigrateRequest | QueryRequest | EndorseRequest | EndorsementReceived
+         | MigrateRequest | RetireRequest | QueryRequest | EndorseRequest | EndorsementReceived
          | EndorsementRefused | TxsForwarded | ForwardRefused | ProposerChanged | KeyReceived
          | KeyAcknowledged | BlockCommitted | BlockRefused
          | KeyStored | KeyErased | EffectFailed | Tick)
