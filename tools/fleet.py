@@ -562,8 +562,14 @@ def status(directory: Path) -> int:
             print(f"{t['id']} {name:<8} pid {proc.get('pid')}: {'running' if alive else 'DOWN'}")
         try:
             with ConsoleClient(t["console"], timeout=3.0) as c:
-                r = c.run("status")
-            print(f"{t['id']} console: {'OK' if r.ok else 'ERR'}")
+                r = c.run("status --json")
+            if r.ok:
+                st = json.loads(r.body.splitlines()[-1])
+                print(f"{t['id']} console: OK  height {st['height']}  "
+                      f"{'synced' if st.get('synced', True) else 'NOT SYNCED'}  "
+                      f"proposer {st.get('proposer')}  in flight {st['operations_in_flight']}")
+            else:
+                print(f"{t['id']} console: ERR {r.code} {r.reason}")
             bad += not r.ok
         except (ConsoleTimeout, OSError, ValueError, KeyError) as exc:
             print(f"{t['id']} console: no answer ({exc})")
