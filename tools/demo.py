@@ -336,10 +336,11 @@ def fleet_step(out: Path, board_name: str) -> None:
         fleet.down(d)
     import shutil
     shutil.rmtree(d, ignore_errors=True)
-    args = argparse.Namespace(dir=d, terminals=1, meters=20, board=board_name, seed=1,
-                              rate_kbyte_s=None, latency_ms=20.0, ber=0.0, loss=0.0,
-                              reading_every=1.0, rotate_every=3.0, start_spread=1.0,
-                              log_level="info")
+    parser = argparse.ArgumentParser(prog="edgekey")  # the command line's own defaults
+    fleet.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["fleet", "up", "--dir", str(d), "--terminals", "1", "--meters",
+                              "20", "--board", board_name, "--reading-every", "1",
+                              "--rotate-every", "3", "--start-spread", "1"])
     try:
         if fleet.up(args) != 0:
             raise RuntimeError("edgekey fleet up failed")
