@@ -211,3 +211,30 @@ def test_a_retired_terminal_stops_counting_and_its_requests_are_refused():
     assert isinstance(ok, Acknowledge)
     again = net.send("ecd-01", ev.RetireRequest("ecd-04", (1 << 62) + 1))
     assert again[0].reason is Nak.BAD_REQUEST  # no longer an active terminal
+
+
+def test_an_endorser_a_block_behind_holds_the_proposal_and_signs_once_it_catches_up():
+    fleet = fleet5()
+    net = fleet.net
+    keys = meter_keys(fleet)
+    slow = net.terminals["ecd-04"]
+    net.offline.add("ecd-04")  # it misses block 1
+    event = keys[METERS[0]].register()
+    net.send("ecd-01", event)
+    for _ in range(3):
+        fleet.clock.advance(0.5)
+        net.tick_all()
+    block1 = net.ordering.blocks[1]
+    net.offline.discard("ecd-04")
+    # the proposer of block 2 asks ecd-04, still at height 0
+    proposer = fleet.fleet.identity("ecd-02")
+    state = net.terminals["ecd-02"].chain.state
+    tx = TxBuilder(proposer).register(METERS[1], key_version=1,
+                                      fingerprint=fingerprint(new_key()), counter=1)
+    block2 = propose_block(state, proposer, [tx], timestamp_ms=fleet.clock().wall_ms + 5)
+    assert slow.feed(ev.EndorseRequest("ecd-02", block2)) == []  # held, not refused
+    assert slow.node.counters["endorse.held"] == 1
+    answers = slow.deliver(block1)  # block 1 arrives through the ordering
+    signed = [a for a in answers if isinstance(a, SendEndorsement)]
+    assert len(signed) == 1 and signed[0].height == 2 and signed[0].peer == "ecd-02"
+    assert not any(isinstance(a, RefuseEndorsement) for a in answers)

@@ -108,6 +108,10 @@ MAX_READING_COUNTERS = 1 << 20
 MAX_FOREIGN = 4096
 # The operation table's key of a membership request (meter ids are never this long).
 MEMBER_KEY = b"\x00member/"
+# A proposal this many blocks beyond the next height is held (not refused) until the
+# blocks before it arrive; at most one per proposer, MAX_HELD in all.
+HOLD_AHEAD = 2
+MAX_HELD = 64
 # Transactions per ForwardTxs: one full block.
 MAX_TXS_PER_MESSAGE = 1024
 # Equivocation evidence kept for the console and the station (newest kept).
@@ -213,6 +217,8 @@ class Node:
         self._foreign: OrderedDict[bytes, _Foreign] = OrderedDict()
         self._deferred: dict[bytes, tuple[int, Reason]] = {}  # tx id -> proposer's refusal
         self.evidence: deque[Evidence] = deque(maxlen=MAX_EVIDENCE)
+        # peer -> a proposal one or two blocks ahead of this chain, and until when it is kept
+        self._held_proposals: dict[str, tuple[ev.EndorseRequest, float]] = {}
         # Chain names a key this store lacks: as many as the meters homed here, so 17 bytes each.
         self.pending_keys = MeterSet()
         self.counters: dict[str, int] = {}
@@ -797,6 +803,16 @@ class Node:
     # ============================================================ endorsing
 
     def _on_endorse_request(self, e: ev.EndorseRequest, at: ev.Time, out: list[Action]) -> None:
+        tip = self.ledger.tip
+        height = e.block.header.height if isinstance(e.block, Block) else -1
+        if tip is not None and tip.height + 1 < height <= tip.height + 1 + HOLD_AHEAD \
+                and isinstance(e.peer, str) and len(self._held_proposals) < MAX_HELD:
+            # The proposer is a block or two ahead of this terminal: that block is on its
+            # way here through the ordering. Answer once it is applied instead of refusing
+            # WRONG_HEIGHT, which would cost the proposer its round.
+            self._held_proposals[e.peer] = (e, at.mono + self.config.round_timeout_s)
+            self._count("endorse.held")
+            return
         answer = answer_proposal(self.ledger, self.identity, self._guard, e.peer, e.block,
                                  now_ms=at.wall_ms, placement_home=self.config.placement_home,
                                  require_pow=self.config.pow_difficulty,
@@ -851,6 +867,8 @@ class Node:
                 self._others_change(tx, change.entry, out)
         if self._deferred:
             self._settle_refusals(height, out)
+        if self._held_proposals:
+            self._release_held(at, out)
         # Only this block's meters can have stopped being pending: O(block), not O(pending).
         for change in changes.meters:
             meter_id = change.meter_id
@@ -908,6 +926,18 @@ class Node:
         if rnd is not None and rnd.submitted and (e.height, e.block_hash) == \
                 (rnd.block.header.height, rnd.block_hash):
             self._retry_round(rnd, at, out, e.detail)
+
+    def _release_held(self, at: ev.Time, out: list[Action]) -> None:
+        """Proposals held for a block this terminal lacked: answer the ones it can now."""
+        tip = self.ledger.tip
+        for peer, (e, until) in list(self._held_proposals.items()):
+            h = e.block.header.height
+            if tip is None or h <= tip.height + 1 or at.mono >= until:
+                del self._held_proposals[peer]
+                if tip is not None and h == tip.height + 1 and at.mono < until:
+                    self._on_endorse_request(e, at, out)
+                else:
+                    self._count("endorse.held_dropped")  # stale: its round is over
 
     # ========================================================= forwarding
 
@@ -1043,6 +1073,8 @@ class Node:
         pass  # _expire and _start_round run after every event
 
     def _expire(self, at: ev.Time, out: list[Action]) -> None:
+        if self._held_proposals:
+            self._release_held(at, out)
         for mid, (home, version) in self._handovers.items():  # lost hand-overs go again
             due = self._handover_due.setdefault(mid, at.mono + self.config.handover_resend_s)
             if at.mono >= due:
