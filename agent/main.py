@@ -21,6 +21,7 @@ cut, which the record logs are built to survive.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import selectors
@@ -170,6 +171,8 @@ class Agent:
         self.link_down_at: dict[str, float] = {}
         self.ports: dict[str, Any] = {}
         self.console: Any = None
+        self._console_down_at: float | None = None
+        self._console_events = 0
         self.shell: Any = None
         self._console_out = bytearray()
         self._open_links()
@@ -410,11 +413,27 @@ class Agent:
             return
         self.console = port
         self.console_fd = fd
-        self.shell = Shell(build_commands(self), banner=f"edgekey {self.opts.node} on "
-                                                        f"{self.board.name}")
-        self.shell.start()
-        self.pump.add_fd(fd, selectors.EVENT_READ, self._console_ready)
+        self._console_events = 0  # what the pump watches the console for (0: not registered)
+        self._console_down_at: float | None = None
+        if self.shell is None:  # a reopened console keeps its shell (and a held reply)
+            self.shell = Shell(build_commands(self), banner=f"edgekey {self.opts.node} on "
+                                                            f"{self.board.name}")
+            self.shell.start()
         self._console_flush()
+
+    def _console_lost(self, why: str) -> None:
+        """The console's far end went away (the cable's pty closed): stop watching the
+        descriptor, which would otherwise be readable for ever, and reopen it later."""
+        self.counts["console_lost"] += 1
+        self.log.event("console.lost", "warning", reason=why)
+        if self._console_events:
+            self.pump.remove_fd(self.console_fd)
+            self._console_events = 0
+        with contextlib.suppress(OSError):
+            self.console.close()
+        self.console = None
+        self._console_out.clear()
+        self._console_down_at = time.monotonic()
 
     def _console_ready(self, mask: int) -> None:
         if mask & selectors.EVENT_READ and self.shell.wants_input():
@@ -424,13 +443,16 @@ class Agent:
                 data = None
             except OSError as exc:
                 self.counts["console_read_errors"] += 1
-                self.log.event("console.read_failed", "warning", error=str(exc))
-                data = None
+                return self._console_lost(f"read: {exc}")
+            if data == b"":
+                return self._console_lost("end of file")
             if data:
                 self.shell.receive_data(data)
         self._console_flush()
 
     def _console_flush(self) -> None:
+        if self.console is None:
+            return
         while True:
             if not self._console_out:  # take more only once the port took what we hold
                 self._console_out += self.shell.data_to_send(CONSOLE_WRITE)
@@ -442,14 +464,22 @@ class Agent:
                 break
             except OSError as exc:
                 self.counts["console_write_errors"] += 1
-                self.log.event("console.write_failed", "warning", error=str(exc))
-                self._console_out.clear()
-                break
+                return self._console_lost(f"write: {exc}")
             del self._console_out[:n]
         want = selectors.EVENT_READ if self.shell.wants_input() else 0
         if self._console_out:
             want |= selectors.EVENT_WRITE
-        self.pump.modify_fd(self.console_fd, want or selectors.EVENT_WRITE, self._console_ready)
+        # Nothing to wait for (a held reply, no output): not watched at all; a pty is always
+        # writable, so watching it for writes would spin. The loop's next pass looks again.
+        if want == self._console_events:
+            return
+        if not want:
+            self.pump.remove_fd(self.console_fd)
+        elif not self._console_events:
+            self.pump.add_fd(self.console_fd, want, self._console_ready)
+        else:
+            self.pump.modify_fd(self.console_fd, want, self._console_ready)
+        self._console_events = want
 
     def _key_for(self, meter_id: bytes, version: int | None) -> bytes | None:
         try:
@@ -524,6 +554,15 @@ class Agent:
         return None
 
     def _reconnect(self, now: float) -> None:
+        if self.console is None and self._console_down_at is not None and \
+                now - self._console_down_at >= RECONNECT_S:
+            self._console_down_at = now
+            try:
+                self._open_console(self.link_urls["console"], self.board.links["console"].baud)
+                self.log.event("console.reopened")
+            except BootError as exc:
+                self.log.event("console.reopen_failed", "debug", error=str(exc))
+                self._console_down_at = now
         for role, since in list(self.link_down_at.items()):
             if now - since >= RECONNECT_S:
                 self.link_down_at[role] = now

@@ -218,3 +218,25 @@ def test_the_agents_console_survives_any_bytes_and_still_answers(running_agent, 
     body, status = running_agent.console("ledger height")
     assert status == "OK" and body.strip() == "0"
     assert running_agent.proc is not None and running_agent.proc.poll() is None
+
+
+def test_a_console_whose_far_end_went_away_is_not_watched_and_the_agent_does_not_spin(agent):
+    """Injected: the console cable's far end closed (the pty master the test holds). Survives:
+    the agent stops watching the dead descriptor (a hung-up pty is readable for ever), keeps
+    trying to reopen it once a second, uses next to no CPU, and still serves its meters."""
+    import time
+
+    from tools.bench_agent import proc_sample
+
+    agent.start("--format")
+    m = TestMeter(agent, 4)
+    assert isinstance(m.request(m.keys.register()), mp.AckAnswer)
+    os.close(agent.console_m)
+    agent.console_m = os.open(os.devnull, os.O_RDONLY)  # what close() will close instead
+    time.sleep(0.5)
+    before = proc_sample(agent.proc.pid)[0]
+    time.sleep(2.0)
+    used = proc_sample(agent.proc.pid)[0] - before
+    assert used < 0.5, f"the agent used {used:.2f} s of CPU in 2 s with its console gone"
+    assert isinstance(m.request(m.keys.rotate()), mp.AckAnswer)
+    assert '"event":"console.lost"' in agent.stderr()

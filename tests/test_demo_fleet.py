@@ -22,6 +22,6 @@ pytestmark = pytest.mark.host_only
 def test_the_demos_fleet_step_runs_and_stops_everything(tmp_path: Path, capsys):
     fleet_step(tmp_path, "host")
     out = capsys.readouterr().out
-    assert "ledger verify: OK" in out and "20/20 meters at or past" in out
+    assert "ledger verify: OK" in out and "20/20 meters at or past" in out, out[-3000:]
     fleet = json.loads((tmp_path / "fleet" / "fleet.json").read_text())
     assert not [p for p in all_pids(fleet) if alive(p)]

@@ -345,8 +345,14 @@ def fleet_step(out: Path, board_name: str) -> None:
         if fleet.up(args) != 0:
             raise RuntimeError("edgekey fleet up failed")
         t = json.loads((d / "fleet.json").read_text())["terminals"][0]
-        time.sleep(6)  # the meters register, read and rotate
+        time.sleep(3)  # the meters register, read and rotate
         with ConsoleClient(t["console"]) as c:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # until every meter has its key (a slow box)
+                seen = json.loads(c.run("meters --json").body.splitlines()[-1])["meters"]
+                if len(seen) >= 20 and all(m["acks"] for m in seen.values()):
+                    break
+                time.sleep(0.5)
             for cmd in FLEET_SHOW:
                 r = c.run(cmd)
                 print(f"edgekey:~$ {cmd}\n{r.body}\n{r.status}")
