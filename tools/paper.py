@@ -537,6 +537,7 @@ def compute(plan: Experiment, workers: int, progress: bool) -> tuple[dict[tuple[
     t0 = time.perf_counter()
     results: dict[tuple[int, float, int], dict[str, MethodRun]] = {}
     jobs = [(plan.model, n, lam, s) for n, lam, s in plan.jobs]
+    tqdm.monitor_interval = 0  # no monitor thread in a process that forks workers
     with tqdm(total=len(jobs), desc="edgekey paper", unit="case", file=sys.stderr,
               disable=not progress) as bar:
         if workers <= 1 or len(jobs) == 1:

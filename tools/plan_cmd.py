@@ -318,6 +318,9 @@ def _plan_tiled(args: argparse.Namespace, pts: np.ndarray, seed: int, bar: Any) 
 
     from agent.placement.tiling import plan_tiled
 
+    # No tqdm monitor thread: the pool forks, and a fork taken while another thread holds a
+    # lock can leave a worker waiting on it for ever (seen once in the test suite).
+    tqdm.monitor_interval = 0
     with tqdm(desc=f"ours, seed {seed}: tiles", unit="tile", leave=False, file=sys.stderr,
               disable=bar.disable, position=1) as tiles:
         def progress(done: int, total: int) -> None:
