@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,17 +26,6 @@ pytestmark = [
                        reason=f"needs Debian's etcd-server ({ETCD}: apt-get install etcd-server)"),
 ]
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    with EtcdCluster(tmp_path_factory.mktemp("etcd"), 3) as c:
-        yield c
-
-
-@pytest.fixture
-def client(cluster: EtcdCluster) -> Iterator[EtcdClient]:
-    with cluster.client() as c:
-        yield c
 
 
 def a_follower(cluster: EtcdCluster) -> int:

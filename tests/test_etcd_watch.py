@@ -7,7 +7,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,17 +22,6 @@ pytestmark = [
                        reason=f"needs Debian's etcd-server ({ETCD}: apt-get install etcd-server)"),
 ]
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    with EtcdCluster(tmp_path_factory.mktemp("etcd"), 3) as c:
-        yield c
-
-
-@pytest.fixture
-def client(cluster: EtcdCluster) -> Iterator[EtcdClient]:
-    with cluster.client() as c:
-        yield c
 
 
 def watch(cluster: EtcdCluster, prefix: bytes, start: int, *, first: int | None = None,
