@@ -43,6 +43,7 @@ from agent.ledger.tx import (
     encode_tx,
     make_tx,
     rotation_proof_digest,
+    tx_id,
 )
 
 
@@ -98,13 +99,14 @@ def codes(state: LedgerState, txs: Sequence[Transaction], **kw: object) -> tuple
     endorsement and at commit alike; without the endorse-time oracle the
     ordered block gets the same codes.
     """
-    oracles = {k: kw.pop(k) for k in ("placement_home", "attest_proof") if k in kw}
+    oracles = {k: kw.pop(k) for k in ("placement_home", "attest_proof", "authorise_member")
+               if k in kw}
     block = make_block(state, txs, **kw)  # type: ignore[arg-type]
     verdict = check_proposal(state, block, **oracles)  # type: ignore[arg-type]
     assert verdict.block_ok == all(c is None for c in verdict.tx_codes), verdict
     if not verdict.block_ok:
         assert verdict.block_reason is Reason.INVALID_TX, verdict
-    if "attest_proof" not in oracles:
+    if "attest_proof" not in oracles and "authorise_member" not in oracles:
         assert validate_block(state, block, **oracles) == verdict  # type: ignore[arg-type]
     return verdict.tx_codes
 
@@ -887,6 +889,25 @@ def test_state_lists_terminals_in_the_order_added_and_can_be_replaced() -> None:
     other = LedgerState()
     other.replace_with(state)
     assert other.tip == state.tip and other.active_terminals() == state.active_terminals()
+
+
+def test_an_endorser_refuses_a_membership_change_the_utility_did_not_order() -> None:
+    """Injected: a member proposes adding a terminal of its own making, and retiring an
+    honest one. Every rule passes (any member may propose either), so without the
+    utility's word one compromised member could vote in sockpuppets or vote out the
+    honest; the endorser asks its provisioning (``authorise_member``) and refuses."""
+    state = fresh()
+    puppet = B[0].add_terminal("ecd-09", ident("ecd-09").public_bytes())
+    ousted = B[0].retire_terminal("ecd-02", T[2].public_bytes())
+    ordered = {tx_id(puppet): False, tx_id(ousted): False}
+    assert codes(state, [puppet, ousted]) == (None, None)  # the rules alone let both in
+    assert codes(state, [puppet, ousted], authorise_member=lambda tx: ordered[tx_id(tx)]) == \
+        (Reason.MEMBER_NOT_AUTHORISED, Reason.MEMBER_NOT_AUTHORISED)
+    ordered[tx_id(puppet)] = True
+    assert codes(state, [puppet], authorise_member=lambda tx: ordered[tx_id(tx)]) == (None,)
+    meters = codes(state, [B[1].register(b"\x01" * 6, key_version=1, fingerprint=fp(1),
+                                         counter=1)], authorise_member=lambda tx: False)
+    assert meters == (None,)  # asked of membership changes only
 
 
 def test_an_endorser_refuses_a_stamp_far_ahead_of_its_clock() -> None:

@@ -17,6 +17,7 @@ from collections import Counter
 
 from agent.keystore.material import fingerprint, new_key
 from agent.ledger.block import header_hash
+from agent.ledger.identity import TerminalIdentity
 from agent.ledger.rules import Reason, propose_block
 from agent.ledger.tx import TxBuilder, tx_id
 from agent.node import events as ev
@@ -211,6 +212,44 @@ def test_a_retired_terminal_stops_counting_and_its_requests_are_refused():
     assert isinstance(ok, Acknowledge)
     again = net.send("ecd-01", ev.RetireRequest("ecd-04", (1 << 62) + 1))
     assert again[0].reason is Nak.BAD_REQUEST  # no longer an active terminal
+
+
+def test_a_terminal_the_utility_provisioned_is_added_and_one_it_did_not_is_refused():
+    """Injected: an operator adds ecd-05, which the utility's provisioning lists (the
+    ``authorise_member`` oracle says so), then ecd-06, which it does not; and ecd-00,
+    as a compromised member would, proposes a block adding a sockpuppet of its own."""
+    ordered = {"ecd-05": TerminalIdentity.from_seed("ecd-05", b"5" * 32).public_bytes()}
+    fleet = LocalFleet(provision(5, METERS, timestamp_ms=T0, seed=b"proposer"),
+                       (RamBlockDevice(8192, 64), RamBlockDevice(8192, 64)), b"k" * 32,
+                       authorise_member=lambda tx: ordered.get(tx.terminal) == tx.public_key)
+    fleet.found()
+    net = fleet.net
+    net.elect("ecd-00")
+    net.run()
+    (ack,) = [r for r in net.send("ecd-01", ev.AddRequest("ecd-05", ordered["ecd-05"], 7))
+              if r.request_id == 7]
+    assert isinstance(ack, Acknowledge) and ack.op.name == "ADD" and ack.height
+    for t in net.terminals.values():  # every chain: six members, the majority is four
+        assert t.chain.state.active_count == 6 and t.chain.state.is_active("ecd-05")
+    stranger = TerminalIdentity.from_seed("ecd-06", b"6" * 32).public_bytes()
+    (nak,) = net.send("ecd-01", ev.AddRequest("ecd-06", stranger, 8))
+    assert nak.reason is Nak.LEDGER_REFUSED and nak.ledger_reason is Reason.MEMBER_NOT_AUTHORISED
+    (dup,) = net.send("ecd-02", ev.AddRequest("ecd-05", ordered["ecd-05"], 9))
+    assert dup.ledger_reason is Reason.TERMINAL_EXISTS
+    tip = net.terminals["ecd-00"].chain.state
+    puppet = propose_block(tip, fleet.fleet.identity("ecd-00"), [TxBuilder(
+        fleet.fleet.identity("ecd-00")).add_terminal("ecd-06", stranger)],
+        timestamp_ms=tip.tip.timestamp_ms + 1)  # type: ignore[union-attr]
+    for tid in ("ecd-01", "ecd-02", "ecd-03", "ecd-04"):
+        (refusal,) = net.terminals[tid].feed(ev.EndorseRequest("ecd-00", puppet))
+        assert isinstance(refusal, RefuseEndorsement)
+        assert refusal.reason is Reason.INVALID_TX, refusal
+    assert net.terminals["ecd-01"].node.counters["endorse.refused"] >= 1
+    # the fleet of six still commits with its five running members (four are a majority)
+    keys = meter_keys(fleet)
+    event = keys[METERS[2]].register()
+    (ok,) = [r for r in net.send("ecd-02", event) if r.request_id == event.request_id]
+    assert isinstance(ok, Acknowledge)
 
 
 def test_an_endorser_a_block_behind_holds_the_proposal_and_signs_once_it_catches_up():

@@ -101,6 +101,7 @@ MAX_CLOCK_SKEW_MS = 10 * 60 * 1000
 
 PlacementOracle = Callable[[bytes], str | None]
 ProofAttestor = Callable[[Transaction], bool]
+MemberAuthority = Callable[[Transaction], bool]  # may this membership change be made?
 
 
 class Reason(enum.IntEnum):
@@ -145,6 +146,7 @@ class Reason(enum.IntEnum):
     TOO_MANY_TERMINALS = 45
     KEY_REUSED = 46  # a rotation to the key already in force
     BAD_CHECKPOINT = 47  # not the parent's height and state digest, not the block's proposer
+    MEMBER_NOT_AUTHORISED = 48  # a membership change the utility's provisioning does not order
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,11 +403,16 @@ def check_proposal(state: LedgerState, block: Block, *,
                    placement_home: PlacementOracle | None = None, require_pow: int = 0,
                    genesis_hash: bytes | None = None,
                    attest_proof: ProofAttestor | None = None,
+                   authorise_member: MemberAuthority | None = None,
                    now_ms: int | None = None) -> Verdict:
     """What an endorser checks before it signs: every rule but the quorum.
 
     ``attest_proof(tx)``: False when this terminal holds the rotation proof
     behind a non-zero ``tx.proof`` and it does not hold (the home's check).
+    ``authorise_member(tx)``: False when the utility has not ordered this
+    TERMINAL_ADD or TERMINAL_RETIRE (the endorser's signed provisioning does
+    not list the terminal with that key, or does not withdraw it): without
+    it any one member could vote sockpuppets in, or honest members out.
     ``now_ms``: the endorser's wall clock; a stamp beyond it by more than
     MAX_CLOCK_SKEW_MS is refused (TIMESTAMP_IN_FUTURE). Endorsements already
     on the block are checked, not counted.
@@ -413,12 +420,12 @@ def check_proposal(state: LedgerState, block: Block, *,
     if now_ms is not None and block.header.timestamp_ms > now_ms + MAX_CLOCK_SKEW_MS:
         return _reject(Reason.TIMESTAMP_IN_FUTURE)
     return _verdict(state, block, placement_home, require_pow, genesis_hash, attest_proof,
-                    quorum=False)
+                    quorum=False, authorise_member=authorise_member)
 
 
 def _verdict(state: LedgerState, block: Block, placement_home: PlacementOracle | None,
              require_pow: int, genesis_hash: bytes | None, attest_proof: ProofAttestor | None,
-             *, quorum: bool) -> Verdict:
+             *, quorum: bool, authorise_member: MemberAuthority | None = None) -> Verdict:
     if len(block.txs) > MAX_TXS_PER_BLOCK or len(block.endorsements) > MAX_ENDORSEMENTS:
         return _reject(Reason.BLOCK_TOO_LARGE)
     tip = state.tip
@@ -462,6 +469,9 @@ def _verdict(state: LedgerState, block: Block, placement_home: PlacementOracle |
             codes.append(code)
             continue
         code = _check_tx(tx, encoding, tid, seen, view, placement_home, attest_proof)
+        if code is None and tx.kind.is_member and authorise_member is not None \
+                and not authorise_member(tx):
+            code = Reason.MEMBER_NOT_AUTHORISED
         seen.add(tid)
         if code is None:
             _record(tx, view, h.height, index)

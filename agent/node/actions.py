@@ -48,6 +48,7 @@ class Op(enum.Enum):
     READING = "reading"
     QUERY = "query"
     RETIRE = "retire"  # a terminal leaves the membership (an operator's request)
+    ADD = "add"  # a terminal joins the membership (an operator's request)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,7 +56,13 @@ from agent.ledger.block import Block, endorse, header_hash, verify_endorsement, 
 from agent.ledger.codec import ZERO_HASH
 from agent.ledger.identity import TerminalIdentity
 from agent.ledger.metertable import MeterSet
-from agent.ledger.rules import PlacementOracle, Reason, check_proposal, propose_block
+from agent.ledger.rules import (
+    MemberAuthority,
+    PlacementOracle,
+    Reason,
+    check_proposal,
+    propose_block,
+)
 from agent.ledger.state import LedgerState, MeterEntry, MeterStatus
 from agent.ledger.tx import (
     U32_MAX,
@@ -155,6 +161,9 @@ class NodeConfig:
     # A proposer puts a CHECKPOINT (the parent state's digest) in every block at a height
     # that is a multiple of this (board [ledger] checkpoint_every); 0: never.
     checkpoint_every: int = 0
+    # Whether the utility ordered a membership change (TERMINAL_ADD of a terminal its signed
+    # provisioning lists with that key; TERMINAL_RETIRE of one it withdrew). None: any.
+    authorise_member: MemberAuthority | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.txs_per_block <= 1024:
@@ -457,26 +466,57 @@ class Node:
         self._enqueue(op, tx, None)
 
     def _on_retire(self, e: ev.RetireRequest, at: ev.Time, out: list[Action]) -> None:
-        key = MEMBER_KEY + str(e.terminal).encode("ascii", "replace")[:32]
         info = self.ledger.terminal(e.terminal) if isinstance(e.terminal, str) else None
-        if not (isinstance(e.request_id, int) and 0 <= e.request_id <= U64_MAX):
-            return self._refuse(out, Op.RETIRE, key, 0, Nak.BAD_REQUEST, "request id")
         if info is None or not info.active:
-            return self._refuse(out, Op.RETIRE, key, e.request_id, Nak.BAD_REQUEST,
-                                f"{e.terminal!r} is not an active terminal")
-        if self.ledger.active_count <= 1:
-            return self._refuse(out, Op.RETIRE, key, e.request_id, Nak.LEDGER_REFUSED,
-                                "the last terminal stays", ledger_reason=Reason.LAST_TERMINAL)
+            why = f"{e.terminal!r} is not an active terminal"
+        elif self.ledger.active_count <= 1:
+            why = Reason.LAST_TERMINAL
+        else:
+            why = None
+        self._member_request(Op.RETIRE, e.terminal, e.request_id, at, out, why, lambda: (
+            self.builder.retire_terminal(e.terminal, info.public_key)))  # type: ignore[union-attr]
+
+    def _on_add(self, e: ev.AddRequest, at: ev.Time, out: list[Action]) -> None:
+        ok_key = isinstance(e.public_key, bytes) and len(e.public_key) == 32
+        if not isinstance(e.terminal, str) or not ok_key:
+            why: str | Reason | None = "a terminal id and a 32-byte public key"
+        elif self.ledger.terminal(e.terminal) is not None or self.ledger.key_in_use(e.public_key):
+            why = Reason.TERMINAL_EXISTS
+        else:
+            why = None
+        self._member_request(Op.ADD, e.terminal, e.request_id, at, out, why, lambda: (
+            self.builder.add_terminal(e.terminal, e.public_key)))
+
+    def _member_request(self, op_kind: Op, terminal: object, request_id: object, at: ev.Time,
+                        out: list[Action], why: str | Reason | None,
+                        build: Callable[[], Transaction]) -> None:
+        """An operator's membership change: refused with ``why`` (a ledger reason, or a bad
+        request), refused when the utility has not ordered it, or proposed like any
+        operation and answered once it commits."""
+        key = MEMBER_KEY + str(terminal).encode("ascii", "replace")[:32]
+        if not (isinstance(request_id, int) and 0 <= request_id <= U64_MAX):
+            return self._refuse(out, op_kind, key, 0, Nak.BAD_REQUEST, "request id")
+        if isinstance(why, Reason):
+            return self._refuse(out, op_kind, key, request_id, Nak.LEDGER_REFUSED, why.name,
+                                ledger_reason=why)
+        if why is not None:
+            return self._refuse(out, op_kind, key, request_id, Nak.BAD_REQUEST, why)
         busy = self._ops.get(key)
         if busy is not None:
-            if busy.request_id != e.request_id:
-                self._refuse(out, Op.RETIRE, key, e.request_id, Nak.BUSY,
-                             f"retire {busy.request_id} in flight")
+            if busy.request_id != request_id:
+                self._refuse(out, op_kind, key, request_id, Nak.BUSY,
+                             f"{busy.op.value} {busy.request_id} in flight")
             return
         if len(self._ops) >= self.config.max_inflight:
-            return self._refuse(out, Op.RETIRE, key, e.request_id, Nak.OVERLOADED)
-        op = Operation(Op.RETIRE, key, e.request_id, at.mono + self.config.op_timeout_s)
-        self._enqueue(op, self.builder.retire_terminal(e.terminal, info.public_key), None)
+            return self._refuse(out, op_kind, key, request_id, Nak.OVERLOADED)
+        tx = build()
+        authorise = self.config.authorise_member
+        if authorise is not None and not authorise(tx):
+            return self._refuse(out, op_kind, key, request_id, Nak.LEDGER_REFUSED,
+                                "not ordered by the utility's provisioning",
+                                ledger_reason=Reason.MEMBER_NOT_AUTHORISED)
+        op = Operation(op_kind, key, request_id, at.mono + self.config.op_timeout_s)
+        self._enqueue(op, tx, None)
 
     def _on_reading(self, e: ev.ReadingRequest, at: ev.Time, out: list[Action]) -> None:
         op = self._admit(Op.READING, e.meter_id, e.request_id, e.counter, at, out)
@@ -635,7 +675,8 @@ class Node:
             verdict = check_proposal(self.ledger, block, placement_home=self.config.placement_home,
                                      require_pow=self.config.pow_difficulty,
                                      genesis_hash=self.config.genesis_hash,
-                                     attest_proof=self._attest)
+                                     attest_proof=self._attest,
+                                     authorise_member=self.config.authorise_member)
             if verdict.block_ok:
                 break
             ids = [tx_id(f.tx) for f in foreign]
@@ -816,7 +857,8 @@ class Node:
         answer = answer_proposal(self.ledger, self.identity, self._guard, e.peer, e.block,
                                  now_ms=at.wall_ms, placement_home=self.config.placement_home,
                                  require_pow=self.config.pow_difficulty,
-                                 genesis_hash=self.config.genesis_hash, attest_proof=self._attest)
+                                 genesis_hash=self.config.genesis_hash, attest_proof=self._attest,
+                                 authorise_member=self.config.authorise_member)
         signed = isinstance(answer, SendEndorsement)
         self._count("endorse.signed" if signed else "endorse.refused")
         for found in self._guard.take_evidence():
@@ -1115,6 +1157,7 @@ _HANDLERS: dict[type, Callable[..., None]] = {
     ev.OperatorRevoke: Node._on_operator_revoke,
     ev.MigrateRequest: Node._on_migrate,
     ev.RetireRequest: Node._on_retire,
+    ev.AddRequest: Node._on_add,
     ev.QueryRequest: Node._on_query,
     ev.EndorseRequest: Node._on_endorse_request,
     ev.EndorsementReceived: Node._on_endorsement,

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 from agent.ledger.block import Block, endorse, header_hash
 from agent.ledger.identity import TerminalIdentity
-from agent.ledger.rules import PlacementOracle, ProofAttestor, Reason, check_proposal
+from agent.ledger.rules import (
+    MemberAuthority,
+    PlacementOracle,
+    ProofAttestor,
+    Reason,
+    check_proposal,
+)
 from agent.ledger.state import LedgerState
 from agent.ledger.tx import Transaction, tx_id
 from agent.node.actions import RefuseEndorsement, SendEndorsement
@@ -84,7 +90,8 @@ class SignedGuard:
 def answer_proposal(ledger: LedgerState, identity: TerminalIdentity, guard: SignedGuard,
                     peer: str, block: Block, *, now_ms: int,
                     placement_home: PlacementOracle | None, require_pow: int,
-                    genesis_hash: bytes | None, attest_proof: ProofAttestor
+                    genesis_hash: bytes | None, attest_proof: ProofAttestor,
+                    authorise_member: MemberAuthority | None = None
                     ) -> SendEndorsement | RefuseEndorsement:
     """Sign ``peer``'s proposal ``block``, or refuse it with the rule's reason."""
     h = block.header
@@ -93,7 +100,8 @@ def answer_proposal(ledger: LedgerState, identity: TerminalIdentity, guard: Sign
         return RefuseEndorsement(peer, h.height, block_hash, Reason.UNKNOWN_PROPOSER)
     verdict = check_proposal(ledger, block, placement_home=placement_home,
                              require_pow=require_pow, genesis_hash=genesis_hash,
-                             attest_proof=attest_proof, now_ms=now_ms)
+                             attest_proof=attest_proof, authorise_member=authorise_member,
+                             now_ms=now_ms)
     reason = verdict.block_reason if not verdict.block_ok else guard.conflict(block)
     if reason is not None:
         return RefuseEndorsement(peer, h.height, block_hash, reason)

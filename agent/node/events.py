@@ -93,6 +93,20 @@ class MigrateRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class AddRequest:
+    """An operator adds ``terminal`` with Ed25519 key ``public_key`` (TERMINAL_ADD).
+
+    It counts from the next block: the majority is of the larger membership,
+    and its endorsements and messages are accepted. The utility must have
+    ordered it (its provisioning lists the terminal with that key), or the
+    endorsers refuse it (``NodeConfig.authorise_member``)."""
+
+    terminal: str
+    public_key: bytes
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class RetireRequest:
     """An operator retires ``terminal`` from the membership (TERMINAL_RETIRE on the chain).
 
@@ -241,7 +255,8 @@ class Tick:
 
 
 Event = (RegisterRequest | RotateRequest | RevokeRequest | ReadingRequest | OperatorRevoke
-         | MigrateRequest | RetireRequest | QueryRequest | EndorseRequest | EndorsementReceived
+         | MigrateRequest | RetireRequest | AddRequest | QueryRequest | EndorseRequest
+         | EndorsementReceived
          | EndorsementRefused | TxsForwarded | ForwardRefused | ProposerChanged | KeyReceived
          | KeyAcknowledged | BlockCommitted | BlockRefused
          | KeyStored | KeyErased | EffectFailed | Tick)
