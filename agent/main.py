@@ -211,6 +211,7 @@ class Agent:
             raise BootError(f"utility key {self.opts.trust}: {exc.strerror}") from None
         if len(trusted) != 32:
             trusted = bytes.fromhex(trusted.decode(errors="replace").strip() or "00")
+        self.trusted = trusted
         config = open_partition(self.device, fl, "config")
         try:
             raw, sealed = prov.load(config)
@@ -243,6 +244,7 @@ class Agent:
             self.secrets.identity, txs_per_block=ledger_cfg.txs_per_block,
             pow_difficulty=ledger_cfg.pow_difficulty, genesis_hash=_genesis_hash(p.genesis),
             factory_key=self.factory.get,
+            authorise_member=lambda tx: self.provisioning.authorises(tx),
             reading_floor=lambda m: journal.ceiling(m) - 1,
             checkpoint_every=(ledger_cfg.checkpoint_every if self.opts.checkpoint_every is None
                               else self.opts.checkpoint_every))
@@ -314,16 +316,51 @@ class Agent:
         state = self.chain.state
         ordering = EtcdOrdering(net.etcd, self.provisioning.fleet, node, ca=str(ca),
                                 cert=str(cert), key=str(key))
+        # PeerNet reads this at each dial: a provisioning update adds the new terminals' here
+        self.peer_addresses = {t: a for t, a in net.peers.items() if t != node}
         self.network = FleetNetwork(self.terminal, ordering, lambda on_message: PeerNet(
             self.pump, node, self.provisioning.fleet, server_ctx, client_ctx, net.peers[node],
-            {t: a for t, a in net.peers.items() if t != node},
-            is_member=lambda t: state.is_active(t), on_message=on_message),
+            self.peer_addresses, is_member=lambda t: state.is_active(t), on_message=on_message),
             on_adopted=self._adopted, require_pow=self.board.ledger.pow_difficulty,
-            etcd_members={t: m["name"] for t, m in net.members.items()})
+            etcd_members={t: m["name"] for t, m in net.members.items()},
+            on_provisioning=self._provisioning_update,
+            provisioning_issued=self.provisioning.issued_ms)
         self.pump.add_fd(ordering.fileno(), selectors.EVENT_READ, lambda mask: None)
         ordering.start((self.chain.height or 0) + 1)
         self.log.event("agent.network", peers=len(net.peers) - 1, etcd=list(net.etcd),
                        listen=f"{net.peers[node][0]}:{net.peers[node][1]}")
+
+    def _provisioning_update(self, data: bytes) -> bool:
+        """The utility's newer provisioning, seen in etcd: believed when it is signed by the
+        trusted key and may replace the one in force (``prov.check_update``), written to the
+        config partition, then in force at once: the new terminals' transport keys (key
+        hand-overs and queries to them), peer addresses, factory keys of new meters homed
+        here, and which membership changes the endorsers may sign."""
+        try:
+            new = prov.verify(data, self.trusted)
+            prov.check_update(self.provisioning, new)
+            factory = prov.factory_keys(new, self.secrets)
+        except prov.ProvisioningError as exc:
+            self.log.event("agent.provisioning_refused", "warning", error=str(exc))
+            return False
+        try:
+            prov.reinstall(open_partition(self.device, self.board.flash, "config"), data)
+        except (LogError, prov.ProvisioningError, OSError) as exc:
+            self.log.event("agent.provisioning_unwritable", "error", error=str(exc))
+            return False
+        old = self.provisioning
+        self.provisioning = new
+        self.factory.update(factory)
+        self.terminal.peers = new.allow_list()
+        if new.network is not None:
+            self.peer_addresses.update({t: a for t, a in new.network.peers.items()
+                                        if t != self.opts.node})
+        added = sorted({t.terminal_id for t in new.terminals}
+                       - {t.terminal_id for t in old.terminals})
+        self.log.event("agent.provisioning_updated", issued_ms=new.issued_ms, added=added,
+                       retired=sorted(new.retired - old.retired),
+                       meters=len(new.meters) - len(old.meters))
+        return True
 
     def _adopted(self, height: int) -> None:
         """A peer's snapshot became this chain's state: boot again on it (reconcile)."""
@@ -332,10 +369,10 @@ class Agent:
 
     def _remote_queries(self) -> RemoteQueries:
         """Key queries from this terminal to the holder, and the holder's side of them."""
-        allow = self.terminal.peers
         state, node = self.chain.state, self.opts.node
 
         def export(meter_id: bytes, requester: str, version: int) -> bytes:
+            allow = self.terminal.peers  # read now: a provisioning update may have added one
             return self.terminal.keys.export(meter_id, requester.encode(), allow, version)
 
         def authorised(requester: str) -> bool:  # an active member the utility provisioned

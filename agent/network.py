@@ -7,6 +7,7 @@
     peer messages                         -> node events (EndorseRequest, ..., KeyReceived)
     ordering candidates                   -> the first valid one per height -> Terminal.deliver
     ordering proposer                     -> ProposerChanged
+    provisioning parts (etcd)             -> a complete update -> on_provisioning (the agent)
 
 Peer messages and ordering results are queued as they arrive (inside the
 pump's callbacks) and handed to the node core after the pump's pass, so
@@ -34,8 +35,16 @@ from agent.ledger.codec import DecodeError
 from agent.ledger.errors import ChainCorruptError
 from agent.ledger.rules import Reason, checkpoint_of
 from agent.net import wire
-from agent.net.ordering import Candidate, EtcdOrdering, OrderingHealth, ProposerIs, Submitted
+from agent.net.ordering import (
+    Candidate,
+    EtcdOrdering,
+    OrderingHealth,
+    ProposerIs,
+    ProvisioningPart,
+    Submitted,
+)
 from agent.net.peers import PeerNet
+from agent.net.provfeed import Assembler
 from agent.node import events as ev
 from agent.node.actions import (
     AcknowledgeKey,
@@ -71,7 +80,9 @@ class FleetNetwork:
     def __init__(self, terminal: Terminal, ordering: EtcdOrdering,
                  peers_factory: Callable[[Callable[[str, object], None]], PeerNet], *,
                  on_adopted: Callable[[int], None] = lambda height: None,
-                 require_pow: int = 0, etcd_members: dict[str, str] | None = None):
+                 require_pow: int = 0, etcd_members: dict[str, str] | None = None,
+                 on_provisioning: Callable[[bytes], bool] | None = None,
+                 provisioning_issued: int = -1):
         self.terminal = terminal
         self.ordering = ordering
         self.peers = peers_factory(self._on_message)
@@ -90,6 +101,10 @@ class FleetNetwork:
         self.require_pow = require_pow
         self._checkpoints: list[int] = []  # heights of the checkpoint blocks applied here
         self.etcd_members = etcd_members or {}  # terminal -> the etcd member it hosts
+        # The utility's provisioning updates, assembled from etcd; the agent checks and
+        # applies each (True: believed and in force).
+        self.on_provisioning = on_provisioning
+        self.provisioning_feed = Assembler(ordering.prefix, provisioning_issued)
 
     # ------------------------------------------------------------- outward
 
@@ -198,6 +213,8 @@ class FleetNetwork:
                     self.counts["submit.failed"] += 1
                     self._inbox.append(ev.BlockRefused(item.height, item.block_hash,
                                                        f"not ordered: {item.detail}"))
+            elif isinstance(item, ProvisioningPart):
+                self._provisioning_part(item)
             elif isinstance(item, OrderingHealth):
                 self.etcd_up = item.up
                 self.initial_read = self.initial_read or item.up
@@ -210,6 +227,17 @@ class FleetNetwork:
             self.terminal.id))
         events, self._inbox = self._inbox, []
         return events, actions
+
+    def _provisioning_part(self, part: ProvisioningPart) -> None:
+        done = self.provisioning_feed.feed(part.key, part.value)
+        if done is None or self.on_provisioning is None:
+            return
+        issued, data = done
+        if self.on_provisioning(data):
+            self.provisioning_feed.accepted(issued)
+            self.counts["provisioning.updated"] += 1
+        else:
+            self.counts["provisioning.refused"] += 1
 
     @property
     def more(self) -> bool:

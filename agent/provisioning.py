@@ -39,6 +39,7 @@ from agent.keystore.transport import AllowList, TransportError, open_envelope, s
 from agent.ledger.block import Block, decode_block, encode_block
 from agent.ledger.codec import DecodeError
 from agent.ledger.identity import TerminalIdentity
+from agent.ledger.tx import Transaction, TxKind
 from hal.blockdev import BlockDevice
 from hal.board import Flash
 from hal.recordlog import RecordLog
@@ -96,6 +97,8 @@ class Provisioning:
     terminals: tuple[TerminalEntry, ...]
     meters: tuple[MeterEntry, ...]
     network: Network | None = None
+    # Terminals the utility has withdrawn: their TERMINAL_RETIRE may be endorsed.
+    retired: frozenset[str] = frozenset()
 
     def terminal(self, terminal_id: str) -> TerminalEntry:
         for t in self.terminals:
@@ -109,6 +112,19 @@ class Provisioning:
     def allow_list(self) -> AllowList:
         """Who a key may be wrapped to: the fleet's terminals."""
         return AllowList({t.terminal_id.encode(): t.transport_public for t in self.terminals})
+
+    def authorises(self, tx: Transaction) -> bool:
+        """Whether the utility ordered membership change ``tx``: a TERMINAL_ADD of a terminal
+        listed here with that identity key and not withdrawn; a TERMINAL_RETIRE of one it
+        withdrew. The endorsers' check (``NodeConfig.authorise_member``): the majority
+        signs what the rules allow, but only the utility decides who belongs."""
+        if tx.kind is TxKind.TERMINAL_RETIRE:
+            return tx.terminal in self.retired
+        if tx.kind is TxKind.TERMINAL_ADD:
+            return tx.terminal not in self.retired and any(
+                t.terminal_id == tx.terminal and t.identity_public == tx.public_key
+                for t in self.terminals)
+        return True
 
 
 @dataclass(frozen=True)
@@ -139,7 +155,7 @@ def document_for(*, fleet: str, board: str, layout: str, issued_ms: int, genesis
                  terminals: list[TerminalEntry], meters: list[tuple[bytes, str, tuple[float, float],
                                                                    bytes]],
                  entropy: Callable[[int], bytes] = os.urandom,
-                 network: Network | None = None) -> dict:
+                 network: Network | None = None, retired: tuple[str, ...] = ()) -> dict:
     """The document: ``meters`` as (id, home, xy, factory key), sealed here to each home."""
     allow = AllowList({t.terminal_id.encode(): t.transport_public for t in terminals})
     rows = []
@@ -155,6 +171,8 @@ def document_for(*, fleet: str, board: str, layout: str, issued_ms: int, genesis
                            "transport": t.transport_public.hex(), "site": list(t.site),
                            "capacity": t.capacity} for t in terminals],
             "meters": rows}
+    if retired:
+        document["retired"] = sorted(retired)
     if network is not None:
         document["network"] = {"ca_sha256": network.ca_sha256.hex(), "etcd": list(network.etcd),
                                "peers": {t: f"{h}:{port}" for t, (h, port) in
@@ -204,9 +222,48 @@ def verify(data: bytes, trusted: bytes) -> Provisioning:
             meters=tuple(MeterEntry(bytes.fromhex(m["id"]), str(m["home"]),
                                     (float(m["xy"][0]), float(m["xy"][1])),
                                     bytes.fromhex(m["factory_key"])) for m in document["meters"]),
-            network=_network(document.get("network")))
+            network=_network(document.get("network")),
+            retired=frozenset(str(t) for t in document.get("retired", ())))
     except (ValueError, KeyError, TypeError, IndexError, DecodeError) as exc:
         raise ProvisioningError(f"signed provisioning document is malformed: {exc}") from None
+
+
+def check_update(current: Provisioning, new: Provisioning) -> None:
+    """Raise unless ``new`` may replace ``current`` on a running terminal.
+
+    An update (the utility adds a terminal, withdraws one, or adds meters) is
+    newer and of the same fleet, board, flash map, genesis and fleet CA; it
+    keeps every terminal and meter it had with the same keys (a terminal with
+    new keys is a new terminal id) and withdraws nothing it had withdrawn
+    back. So a replayed older file, another fleet's, or one that swaps a
+    member's key is refused even though the utility signed it once.
+    """
+    if new.issued_ms <= current.issued_ms:
+        raise ProvisioningError(f"provisioning issued at {new.issued_ms} is not newer than "
+                                f"the one in force ({current.issued_ms})")
+    for name in ("fleet", "board", "flash_layout"):
+        if getattr(new, name) != getattr(current, name):
+            raise ProvisioningError(f"provisioning update changes the {name}")
+    if encode_block(new.genesis) != encode_block(current.genesis):
+        raise ProvisioningError("provisioning update names another genesis")
+    if (new.network is None) != (current.network is None) or (
+            new.network is not None and current.network is not None
+            and new.network.ca_sha256 != current.network.ca_sha256):
+        raise ProvisioningError("provisioning update changes the fleet CA")
+    terminals = {t.terminal_id: t for t in new.terminals}
+    for t in current.terminals:
+        kept = terminals.get(t.terminal_id)
+        if kept is None or (kept.identity_public, kept.transport_public) != (
+                t.identity_public, t.transport_public):
+            raise ProvisioningError(f"provisioning update drops or re-keys terminal "
+                                    f"{t.terminal_id!r}")
+    meters = {m.meter_id: m for m in new.meters}
+    for m in current.meters:
+        if meters.get(m.meter_id) != m:
+            raise ProvisioningError(f"provisioning update drops or changes meter "
+                                    f"{m.meter_id.hex()}")
+    if not current.retired <= new.retired:
+        raise ProvisioningError("provisioning update takes back a withdrawn terminal")
 
 
 def factory_keys(prov: Provisioning, secrets: Secrets) -> dict[bytes, bytes]:
@@ -250,14 +307,24 @@ def open_secrets(device_key: bytes, sealed: bytes) -> Secrets:
                    X25519PrivateKey.from_private_bytes(plain[32:64]))
 
 
-def install(config: BlockDevice, provisioning_file: bytes, sealed_secrets: bytes) -> None:
+def install(config: BlockDevice, provisioning_file: bytes, sealed_secrets: bytes, *,
+            release_older: bool = False) -> None:
     """Write the provisioning file (in chunks of one record each) and the sealed secrets to
-    the ``config`` partition, in one group commit."""
+    the ``config`` partition, in one group commit; ``release_older``: then free what they
+    replace. A power cut leaves the old pair or the new one as the newest complete."""
     log = RecordLog(config)
+    first = log.next_seq
     step = log.max_payload - CHUNK_HEAD
     chunks = [provisioning_file[i:i + step] for i in range(0, len(provisioning_file), step)]
     log.append_many([TAG_PROVISIONING + i.to_bytes(2, "big") + len(chunks).to_bytes(2, "big") + c
                      for i, c in enumerate(chunks)] + [TAG_SECRETS + sealed_secrets])
+    if release_older:
+        log.release(first)
+
+
+def reinstall(config: BlockDevice, provisioning_file: bytes) -> None:
+    """Replace the provisioning on the ``config`` partition by a checked update."""
+    install(config, provisioning_file, load(config)[1], release_older=True)
 
 
 def load(config: BlockDevice) -> tuple[bytes, bytes]:

@@ -66,6 +66,7 @@ def build_commands(agent: Agent) -> list[Command]:
         tip = chain.state.tip
         usage = agent.ram.usage()
         data = {"node": agent.opts.node, "fleet": agent.provisioning.fleet,
+                "provisioning_issued_ms": agent.provisioning.issued_ms,
                 "board": agent.board.name, "uptime_s": round(agent.uptime_s(), 1),
                 "boot_s": round(agent.boot_s, 3), "height": chain.height,
                 "tip": tip.block_hash.hex() if tip else None,
@@ -283,6 +284,7 @@ def build_commands(agent: Agent) -> list[Command]:
                 "transport": dict(network.peers.counters),
                 "forwarding": {k: v for k, v in node.counters.items()
                                if k.startswith(("forward", "rounds", "proposer", "evidence"))},
+                "endorsing": {k: v for k, v in node.counters.items() if k.startswith("endorse")},
                 "evidence": len(node.evidence), "peers": peers}
         rows: list[tuple[str, object]] = [(k, v) for k, v in data.items() if k != "peers"]
         rows += [(f"peer {p}", "up" if st.get("connected") else "down") for p, st in
@@ -306,26 +308,46 @@ def build_commands(agent: Agent) -> list[Command]:
                          for r in rows)
         return Reply(text, {"terminals": rows, "active": agent.chain.state.active_count})
 
-    def member_retire(args: list[str], call: Call) -> Pending:
-        """Propose TERMINAL_RETIRE; answered once it commits (or is refused)."""
-        from agent.node import events as ev
+    def member_change(terminal: str, make: Any) -> Pending:
+        """An operator's membership change; answered once it commits (or is refused)."""
         from agent.node.actions import Acknowledge
 
         pending = Pending()
 
         def done(a: object) -> None:
             if isinstance(a, Acknowledge):
-                data = {"terminal": args[0], "height": a.height,
+                data = {"terminal": terminal, "height": a.height,
                         "active": agent.chain.state.active_count}
                 pending.finish(Reply(_lines(list(data.items())), data))
             else:
+                why = a.reason.name.lower()  # type: ignore[attr-defined]
+                if a.ledger_reason is not None:  # type: ignore[attr-defined]
+                    why += f" ({a.ledger_reason.name.lower()})"  # type: ignore[attr-defined]
                 pending.finish(CommandError("EPERM" if a.reason.name == "LEDGER_REFUSED"  # type: ignore[attr-defined]
                                             else "EINVAL" if a.reason.name == "BAD_REQUEST"  # type: ignore[attr-defined]
-                                            else "EAGAIN",
-                                            f"{a.reason.name.lower()}: {a.detail}"))  # type: ignore[attr-defined]
+                                            else "EAGAIN", f"{why}: {a.detail}"))  # type: ignore[attr-defined]
 
-        agent.operator_request(lambda rid: ev.RetireRequest(args[0], rid), done)
+        agent.operator_request(make, done)
         return pending
+
+    def member_retire(args: list[str], call: Call) -> Pending:
+        """Propose TERMINAL_RETIRE of a terminal the utility's provisioning withdrew."""
+        from agent.node import events as ev
+
+        return member_change(args[0], lambda rid: ev.RetireRequest(args[0], rid))
+
+    def member_add(args: list[str], call: Call) -> Pending:
+        """Propose TERMINAL_ADD of a terminal the utility's provisioning lists, with its key."""
+        from agent import provisioning as prov
+        from agent.node import events as ev
+
+        try:
+            entry = agent.provisioning.terminal(args[0])
+        except prov.ProvisioningError as exc:
+            raise CommandError("ENOENT", f"{exc} (the utility's provisioning update comes "
+                               "first: edgekey fleet add)") from None
+        return member_change(args[0], lambda rid: ev.AddRequest(args[0], entry.identity_public,
+                                                                rid))
 
     def route(args: list[str], call: Call) -> Reply:
         others = [t for t in agent.chain.state.active_terminals() if t != agent.opts.node]
@@ -406,6 +428,9 @@ def build_commands(agent: Agent) -> list[Command]:
         Command("member", "the fleet's membership on the chain", subcommands=(
             Command("list", "every terminal, active or retired, with its heights", member_list,
                     json=True),
+            Command("add", "add a terminal the utility's provisioning lists (endorsed by the "
+                    "majority like any operation): member add <terminal>", member_add,
+                    mandatory=1, json=True),
             Command("retire", "retire a terminal (endorsed by the majority like any "
                     "operation): member retire <terminal>", member_retire, mandatory=1,
                     json=True),

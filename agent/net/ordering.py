@@ -4,6 +4,7 @@ Keys under ``/edgekey/<fleet>/``:
 
     proposer                          the elected proposer's terminal id, under its lease
     chain/<height, 16 hex>/<name>     a candidate block (``encode_block``), created once
+    provisioning/<issued>/<part>      the utility's provisioning updates (agent/net/provfeed.py)
 
 **One proposer, no race.** Terminals campaign for ``proposer`` with a
 compare-and-swap on its create revision under a lease (``lease_ttl_s``,
@@ -49,6 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.net.etcd import EtcdClient, EtcdError, prefix_end
+from agent.net.provfeed import feed_prefix
 from agent.net.watch import SupervisedWatch, WatchCompacted, WatchEvent, WatchLost
 
 log = logging.getLogger("edgekey.ordering")
@@ -92,7 +94,15 @@ class OrderingHealth:
     detail: str = ""
 
 
-OrderingEvent = Candidate | ProposerIs | Submitted | OrderingHealth
+@dataclass(frozen=True, slots=True)
+class ProvisioningPart:
+    """A part of a provisioning update seen under the fleet prefix (agent/net/provfeed.py)."""
+
+    key: bytes
+    value: bytes
+
+
+OrderingEvent = Candidate | ProposerIs | Submitted | OrderingHealth | ProvisioningPart
 
 
 def chain_key(prefix: bytes, height: int, name: str) -> bytes:
@@ -262,6 +272,8 @@ class EtcdOrdering:
         if item.key == self.proposer_key:
             holder = item.value.decode("ascii", "replace") if item.kind == "put" else None
             return self._proposer_seen(holder, item.mod_revision)
+        if item.key.startswith(feed_prefix(self.prefix)):
+            return [ProvisioningPart(item.key, item.value)] if item.kind == "put" else []
         height = height_of(self.prefix, item.key)
         if height is None or item.kind != "put":
             return []
@@ -327,7 +339,16 @@ class EtcdOrdering:
             if not page.more or not page.kvs:
                 break
             start = page.kvs[-1].key + b"\0"
+        updates, start, end = [], feed_prefix(self.prefix), prefix_end(feed_prefix(self.prefix))
+        while True:  # two parts (1 MiB) a read: a response stays far below gRPC's limits
+            page = self.client.range(start, end, limit=2, revision=revision)
+            updates.extend(page.kvs)
+            if not page.more or not page.kvs:
+                break
+            start = page.kvs[-1].key + b"\0"
         holder, holder_rev, _ = self.client.get(self.proposer_key)
+        for kv in updates:  # before the blocks: a block may add a terminal an update names
+            self._emit(ProvisioningPart(kv.key, kv.value))
         # within a height, revision order; across heights, height order
         found.sort(key=lambda kv: (height_of(self.prefix, kv.key) or 0, kv.create_revision))
         for kv in found:
