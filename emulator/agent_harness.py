@@ -34,7 +34,7 @@ from hal.dlt698 import (
     ServerAddress,
     encode_frame,
 )
-from tools.fleet import provision_fleet
+from tools.provision_cmd import provision_fleet
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = b"edgekey:~$ "

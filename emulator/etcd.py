@@ -60,7 +60,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _retry_unhealthy(call: Callable[[], object], timeout_s: float = 15.0) -> None:
+def retry_unhealthy(call: Callable[[], object], timeout_s: float = 15.0) -> None:
     """``call()``, again while etcd answers "unhealthy cluster" (its strict reconfig check)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -259,7 +259,7 @@ class EtcdCluster:
         scheme = "https" if self.tls else "http"
         member = _Member(name, free_port(), free_port(), scheme)
         with self.client() as c:
-            _retry_unhealthy(lambda: c.member_add([member.peer_url]))
+            retry_unhealthy(lambda: c.member_add([member.peer_url]))
         with self._lock:
             self._members.append(member)
             i = len(self._members) - 1
@@ -281,7 +281,7 @@ class EtcdCluster:
         with self.client(*others) as c:
             for m in c.member_list():
                 if m["name"] == member.name or member.peer_url in m["peer_urls"]:
-                    _retry_unhealthy(functools.partial(c.member_remove, m["id"]))
+                    retry_unhealthy(functools.partial(c.member_remove, m["id"]))
 
     def close(self) -> None:
         """Stop every member (SIGTERM, SIGKILL after 5 s) and wait for them; idempotent.

@@ -1,6 +1,6 @@
 """``edgekey bench fleet``: a fleet of terminals on etcd, measured from outside, beside Table 1.
 
-Set-up: ``tools.fleet.provision_fleet`` makes N terminals (default 13, the
+Set-up: ``tools.provision_cmd.provision_fleet`` makes N terminals (default 13, the
 paper's N) with the etcd members hosted by the first ones; the members and
 the N agents start on this machine. No PLC channel and no emulated meter
 process: the bench speaks for every meter itself, on each agent's hplc link
@@ -30,7 +30,7 @@ Figures (JSON + table):
   stopped (SIGTERM), the bench writes ``--catchup-blocks`` valid blocks into
   etcd as candidates at the next heights (registers of fresh meter ids
   proposed and signed by the first terminal's identity, endorsed by a
-  majority of the fleet's identities, which ``tools.fleet`` derives from
+  majority of the fleet's identities, which ``tools.provision_cmd`` derives from
   the seed), the running terminals apply them, then the stopped one starts
   again and is timed until its ledger reaches the last height.
 
@@ -66,6 +66,7 @@ from agent.node.actions import Nak
 from emulator.agent_harness import ROOT, AgentProc, TestMeter
 from hal.dlt698 import NEED_DATA, Frame, FrameDecoder
 from tools import fleet as fleet_tools
+from tools import provision_cmd
 from tools.bench_agent import _pct, _registration, _rotation, poisson, proc_sample
 from tools.paper import PAPER_TABLE1
 
@@ -376,7 +377,7 @@ class Fleet:
                  seed: int, python: list[str], log_level: str):
         self.dir = directory
         self.seed = seed
-        self.desc = fleet_tools.provision_fleet(directory, terminals=terminals, meters=meters,
+        self.desc = provision_cmd.provision_fleet(directory, terminals=terminals, meters=meters,
                                                 board_name="host", seed=seed,
                                                 etcd_members=etcd_members)
         self.name = directory.name
@@ -594,7 +595,7 @@ def _catchup_chain(fleet: Fleet, tip: dict[str, Any], blocks: int, txs_per_block
                     bytes.fromhex((d / "utility.pub").read_text().strip()))
     pow_difficulty = load_board(board_path(fleet.desc["board"])).ledger.pow_difficulty
     ids = [a.id for a in fleet.agents]
-    identities = {t: TerminalIdentity.from_seed(t, fleet_tools._derive(fleet.seed,
+    identities = {t: TerminalIdentity.from_seed(t, provision_cmd.derive(fleet.seed,
                                                                        f"identity {t}"))
                   for t in ids}
     me = identities[proposer]

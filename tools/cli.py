@@ -271,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     flash_tool.add_parser(sub, _flash)
 
-    from tools import fleet
+    from tools import fleet, provision_cmd
 
+    provision_cmd.add_parser(sub)
     fleet.add_parser(sub)
 
     from tools import console_client

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -47,18 +46,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from emulator.netns import NetnsPlan
 from emulator.netns import available as netns_available
+from tools.provision_cmd import add_terminal, etcd_client, provision_fleet, publish, retire_terminal
 
 STOP_ORDER = ("meters", "agent", "channel", "cable", "etcd")  # meters first, etcd last
 START_ORDER = ("cable", "channel", "agent", "meters")
+# What of ``up``'s options the processes' command lines take (kept in fleet.json for ``add``)
+PROCESS_OPTIONS = ("latency_ms", "ber", "loss", "seed", "rate_kbyte_s", "log_level",
+                   "checkpoint_every", "reading_every", "rotate_every", "start_spread")
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 PROCESS_MARK = "EDGEKEY_FLEET"  # in every child's environment: down kills only its own pids
-AREA_M = 1000.0  # meters spread over a square of this side around the terminal
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -101,6 +102,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p = fleet.add_parser(name, help=text)
         p.add_argument("--dir", type=Path, default=Path("out/fleet"))
         p.add_argument("id", help="the terminal, e.g. ecd-03")
+    add = fleet.add_parser("add", help="a new terminal at run time: provisioned, published, "
+                                       "added through the ledger, started")
+    add.add_argument("--dir", type=Path, default=Path("out/fleet"))
+    add.add_argument("--etcd-member", action="store_true",
+                     help="it hosts an etcd voting member (replacing a retired voting host)")
+    add.add_argument("--via", default=None, help="the terminal whose console proposes it "
+                                                 "(default: the first running one)")
+    retire = fleet.add_parser("retire", help="withdraw a terminal: provisioned, published, "
+                                             "retired through the ledger")
+    retire.add_argument("--dir", type=Path, default=Path("out/fleet"))
+    retire.add_argument("--via", default=None)
+    retire.add_argument("id")
     for name, text in (("partition", "cut terminals off the WAN (a fleet started with --netns)"),
                        ("heal", "give cut terminals their WAN link back")):
         p = fleet.add_parser(name, help=text)
@@ -119,150 +132,13 @@ def run(args: argparse.Namespace) -> int:
         return kill(args.dir, args.id)
     if args.fleet_cmd == "start":
         return start(args.dir, args.id)
+    if args.fleet_cmd == "add":
+        return add(args.dir, etcd_member=args.etcd_member, via=args.via)
+    if args.fleet_cmd == "retire":
+        return retire(args.dir, args.id, via=args.via)
     if args.fleet_cmd in ("partition", "heal"):
         return partition(args.dir, args.ids, cut=args.fleet_cmd == "partition")
     return down(args.dir)
-
-
-# ============================================================== provisioning
-
-def _derive(seed: int, label: str) -> bytes:
-    return hashlib.sha256(f"edgekey fleet {seed} {label}".encode()).digest()
-
-
-def meter_id(i: int) -> bytes:
-    """A 6-byte meter address, BCD digits as DL/T 698.45 meters print theirs."""
-    return bytes.fromhex(f"{i + 1:012d}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _network(directory: Path, ids: list[str], fleet_name: str, members: int,
-             plan: NetnsPlan | None = None) -> tuple:
-    """The fleet CA and certificates under DIR/tls, ports, etcd members: (Network, etcd dict).
-
-    On loopback every listener takes a free port; in namespaces each terminal has its own
-    address and the usual ports (peers 7100, etcd 2379 and 2380)."""
-    from agent import provisioning as prov
-    from agent.net.pki import FleetCA, sha256_pem
-
-    tls = directory / "tls"
-    tls.mkdir(parents=True, exist_ok=True)
-    ca = FleetCA.create(fleet_name)
-    ca.write(tls)
-    def host(t: str) -> str:
-        return plan.address(t) if plan is not None else "127.0.0.1"
-
-    def port(fixed: int) -> int:
-        return fixed if plan is not None else _free_port()
-
-    for t in ids:
-        ca.issue(t, ips=(host(t), "127.0.0.1")).write(tls, t)
-    peers = {t: (host(t), port(7100)) for t in ids}
-    voting = {}
-    for i, t in enumerate(ids[:members]):
-        name = f"m{i}"
-        ca.issue(name, ips=(host(t), "127.0.0.1")).write(tls, name)
-        voting[t] = {"name": name, "client": f"https://{host(t)}:{port(2379)}",
-                     "peer": f"https://{host(t)}:{port(2380)}"}
-    network = prov.Network(sha256_pem(ca.cert_pem), tuple(m["client"] for m in voting.values()),
-                           peers, voting)
-    return network, voting
-
-
-def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name: str,
-                    seed: int, etcd_members: int | None = None, netns: bool = False) -> dict:
-    """Keys, plan, signed provisioning and one flash image per terminal; the fleet description."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    from agent import provisioning as prov
-    from agent.keystore.transport import public_bytes
-    from agent.ledger.block import genesis
-    from agent.ledger.identity import TerminalIdentity
-    from agent.placement.plan import DEFAULT_CAP, plan
-    from hal.blockdev import FileBlockDevice, open_partition
-    from hal.board import board_path, load_board
-    from tools.flash_tool import create
-
-    board = load_board(board_path(board_name))
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    points = rng.uniform(0.0, AREA_M, size=(meters, 2))
-    cap = max(DEFAULT_CAP, -(-meters // terminals))
-    p = plan(points, k=terminals, cap=cap, seed=seed)
-    utility = Ed25519PrivateKey.from_private_bytes(_derive(seed, "utility"))
-    raw = serialization.Encoding.Raw
-    _secret_file(directory / "utility.key", utility.private_bytes(
-        raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex())
-    (directory / "utility.pub").write_text(utility.public_key().public_bytes(
-        raw, serialization.PublicFormat.Raw).hex() + "\n")
-    ids = [f"ecd-{i:02d}" for i in range(terminals)]
-    identities = {t: TerminalIdentity.from_seed(t, _derive(seed, f"identity {t}")) for t in ids}
-    transports = {t: X25519PrivateKey.from_private_bytes(_derive(seed, f"transport {t}"))
-                  for t in ids}
-    now_ms = int(time.time() * 1000)
-    block0 = genesis(identities[ids[0]], [(t, identities[t].public_bytes()) for t in ids],
-                     timestamp_ms=now_ms, endorsers=[identities[t] for t in
-                                                     ids[:terminals // 2 + 1]],
-                     difficulty=board.ledger.pow_difficulty)
-    entries = [prov.TerminalEntry(t, identities[t].public_bytes(), public_bytes(transports[t]),
-                                  tuple(float(v) for v in p.centres[i]), cap)  # type: ignore[arg-type]
-               for i, t in enumerate(ids)]
-    factory = {meter_id(i): _derive(seed, f"factory {i}") for i in range(meters)}
-    network, voting = None, {}
-    plan = NetnsPlan.for_directory(str(directory.resolve()), ids) if netns else None
-    if terminals > 1:
-        members = etcd_members or (3 if terminals >= 3 else 1)
-        network, voting = _network(directory, ids, directory.name, min(members, terminals),
-                                   plan)
-    rows = [(meter_id(i), ids[int(p.assign[i])], (float(points[i, 0]), float(points[i, 1])),
-             factory[meter_id(i)]) for i in range(meters)]
-    document = prov.document_for(fleet=directory.name, board=board.name,
-                                 layout=prov.flash_layout(board.flash), issued_ms=now_ms,
-                                 genesis=block0, terminals=entries, meters=rows,
-                                 network=network)
-    signed = prov.sign(document, utility)
-    (directory / "provisioning.json").write_bytes(signed)
-    fleet: dict = {"board": board.name, "seed": seed, "terminals": [], "processes": {},
-                   "etcd": {"members": voting,
-                            "endpoints": list(network.etcd) if network else []},
-                   "netns": plan.to_json() if plan is not None else None}
-    for t in ids:
-        image = directory / f"{t}.img"
-        devkey = directory / f"{t}.devkey"
-        device_key = _derive(seed, f"device {t}")
-        _secret_file(devkey, device_key, binary=True)
-        if image.exists():
-            image.unlink()
-        create(image, board)
-        sealed = prov.seal_secrets(device_key, t, _derive(seed, f"identity {t}"), transports[t],
-                                   nonce=_derive(seed, f"secrets nonce {t}")[:12])
-        with FileBlockDevice(image, board.flash.erase_block_bytes) as dev:
-            prov.install(open_partition(dev, board.flash, "config"), signed, sealed)
-        homed = [{"id": m.hex(), "factory_key": factory[m].hex()}
-                 for m, home, _xy, _k in rows if home == t]
-        meters_file = directory / f"{t}.meters.json"
-        _secret_file(meters_file, json.dumps(homed, indent=1))
-        fleet["terminals"].append({"id": t, "flash": str(image), "device_key": str(devkey),
-                                   "meters_file": str(meters_file), "meters": len(homed),
-                                   "etcd": voting.get(t)})
-    return fleet
-
-
-def _secret_file(path: Path, content: str | bytes, *, binary: bool = False) -> None:
-    if path.exists():
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(content if isinstance(content, bytes) else content.encode())
 
 
 # ================================================================= processes
@@ -297,8 +173,9 @@ def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str,
     cable = ["socat", f"pty,raw,echo=0,link={console}", f"pty,raw,echo=0,link={console_agent}"]
     procs = {"cable": {"cmd": cable, "wait": [str(console), str(console_agent)]},
              "channel": {"cmd": channel, "wait": [str(plc_terminal), str(plc_meters)]},
-             "agent": {"cmd": agent, "wait": []},
-             "meters": {"cmd": meters, "wait": []}}
+             "agent": {"cmd": agent, "wait": []}}
+    if t["meters"]:
+        procs["meters"] = {"cmd": meters, "wait": []}
     if t.get("etcd"):
         procs["etcd"] = {"cmd": _etcd_command(directory, tid, t["etcd"], members), "wait": []}
     if plan is not None:  # the terminal's own processes run in its namespace
@@ -398,13 +275,17 @@ def up(args: argparse.Namespace) -> int:
         fleet = provision_fleet(directory, terminals=args.terminals, meters=args.meters,
                                 board_name=args.board, seed=args.seed,
                                 etcd_members=args.etcd_members, netns=args.netns)
-        plan = _plan(fleet)
-        for t in fleet["terminals"]:
-            t["processes"] = _commands(directory, t, args, fleet["board"],
-                                       fleet["etcd"]["members"], plan)
-            t["formatted"] = False
     else:
         fleet = load_fleet(directory)
+    if "options" not in fleet:  # provisioned (here or by edgekey provision new), never started
+        fleet["options"] = {k: getattr(args, k) for k in PROCESS_OPTIONS} | {
+            "seed": fleet["seed"]}
+        fresh = True
+        plan = _plan(fleet)
+        for t in fleet["terminals"]:
+            t["processes"] = _commands(directory, t, argparse.Namespace(**fleet["options"]),
+                                       fleet["board"], fleet["etcd"]["members"], plan)
+            t["formatted"] = False
     try:
         plan = _plan(fleet)
         if plan is not None and (fresh or not any(_alive(p.get("pid"), _mark(directory)) for t in
@@ -430,8 +311,8 @@ def up(args: argparse.Namespace) -> int:
 def _start_terminal(directory: Path, t: dict) -> None:
     """Whatever of a terminal's group (but etcd) is not running, in order; --format once."""
     for name in START_ORDER:
-        proc = t["processes"][name]
-        if _alive(proc.get("pid"), _mark(directory)):
+        proc = t["processes"].get(name)  # a terminal added later has no meters of its own
+        if proc is None or _alive(proc.get("pid"), _mark(directory)):
             continue
         extra = ["--format"] if name == "agent" and not t.get("formatted", True) else None
         _start(proc, directory, f"{t['id']}.{name}", extra)
@@ -530,6 +411,134 @@ def start(directory: Path, tid: str) -> int:
     finally:
         _write(directory, fleet)
     print(f"{tid}: running, console {t['console']}")
+    return 0
+
+
+def _running(fleet: dict, directory: Path) -> list[dict]:
+    return [t for t in fleet["terminals"] if not t.get("retired")
+            and _alive(t.get("processes", {}).get("agent", {}).get("pid"), _mark(directory))]
+
+
+def _console_json(url: str, command: str, timeout: float = 10.0) -> tuple[bool, Any]:
+    """(ok, the JSON answer or the error text) of one console command."""
+    from tools.console_client import ConsoleClient
+
+    with ConsoleClient(url, timeout=timeout) as c:
+        r = c.run(f"{command} --json")
+    if not r.ok:
+        return False, f"{r.code} {r.reason}"
+    return True, json.loads(r.body.splitlines()[-1])
+
+
+def _published(directory: Path, fleet: dict, terminals: list[dict]) -> int:
+    """Publish the newest provisioning and wait until every running terminal has it in force."""
+    from tools.console_client import ConsoleTimeout
+
+    issued = publish(directory)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    waiting = list(terminals)
+    while waiting and time.monotonic() < deadline:
+        for t in list(waiting):
+            try:
+                ok, st = _console_json(t["console"], "status", 3.0)
+            except (ConsoleTimeout, OSError, ValueError):
+                continue
+            if ok and st.get("provisioning_issued_ms", 0) >= issued:
+                waiting.remove(t)
+        time.sleep(0.2)
+    if waiting:
+        raise RuntimeError(f"provisioning issued at {issued} not in force on "
+                           f"{', '.join(t['id'] for t in waiting)} after "
+                           f"{READY_TIMEOUT_S:.0f} s (see their logs)")
+    return issued
+
+
+def _propose(fleet: dict, directory: Path, via: str | None, command: str) -> dict:
+    """A membership change on a running terminal's console, answered once it committed."""
+    running = _running(fleet, directory)
+    t = next((t for t in running if t["id"] == via), None) if via else (
+        running[0] if running else None)
+    if t is None:
+        raise RuntimeError(f"no running terminal {via or ''} to propose it on")
+    ok, answer = _console_json(t["console"], command, timeout=60.0)
+    if not ok:
+        raise RuntimeError(f"{t['id']}: {command}: {answer}")
+    return answer
+
+
+def add(directory: Path, *, etcd_member: bool = False, via: str | None = None) -> int:
+    """A new terminal: provisioned and published (every running terminal has its keys and
+    address in force), TERMINAL_ADD committed through a running terminal's console, its
+    etcd member announced to etcd (``--etcd-member``), then started; it catches up from
+    etcd (or a peer's snapshot) like a terminal back from a power cut."""
+    fleet = load_fleet(directory)
+    running = _running(fleet, directory)
+    if not running:
+        print("edgekey fleet: no terminal is running to add one to", file=sys.stderr)
+        return 1
+    try:
+        entry = add_terminal(directory, etcd_member=etcd_member)
+        fleet = load_fleet(directory)
+        t = next(x for x in fleet["terminals"] if x["id"] == entry["id"])
+        _published(directory, fleet, running)
+        answer = _propose(fleet, directory, via, f"member add {t['id']}")
+        t["processes"] = _commands(directory, t, argparse.Namespace(**fleet["options"]),
+                                   fleet["board"], fleet["etcd"]["members"], _plan(fleet))
+        t["formatted"] = False
+        if t.get("etcd"):
+            t["processes"]["etcd"]["cmd"] = _announce_member(directory, t)
+            _start_etcd(directory, fleet, [t["id"]])
+        _start_terminal(directory, t)
+    except (RuntimeError, OSError) as exc:
+        print(f"edgekey fleet: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if (directory / "fleet.json").exists():
+            _write(directory, fleet)
+    print(f"{t['id']}: added at height {answer['height']} ({answer['active']} active), "
+          f"console {t['console']}")
+    return 0
+
+
+def _announce_member(directory: Path, t: dict) -> list[str]:
+    """Add ``t``'s etcd member to etcd's membership; its command line (state existing, the
+    initial cluster as etcd now has it)."""
+    from emulator.etcd import member_command, retry_unhealthy
+
+    member = t["etcd"]
+    with etcd_client(directory) as etcd:
+        retry_unhealthy(lambda: etcd.member_add([member["peer"]]), READY_TIMEOUT_S)
+        members = etcd.member_list()
+    initial = ",".join(f"{m['name'] or member['name']}={m['peer_urls'][0]}" for m in members
+                       if m["peer_urls"])
+    tls = directory / "tls"
+    return member_command(member["name"], directory / f"{t['id']}.etcd", member["client"],
+                          member["peer"], initial, f"edgekey-{directory.name}", "existing",
+                          directory / f"{t['id']}.etcd.log",
+                          (str(tls / "ca.crt"), str(tls / f"{member['name']}.crt"),
+                           str(tls / f"{member['name']}.key")))
+
+
+def retire(directory: Path, tid: str, *, via: str | None = None) -> int:
+    """Withdraw ``tid``: a newer provisioning published, TERMINAL_RETIRE committed through
+    another running terminal's console (its etcd member leaves etcd with it)."""
+    fleet = load_fleet(directory)
+    if _terminal(fleet, directory, tid) is None:
+        return 2
+    try:
+        retire_terminal(directory, tid)
+        fleet = load_fleet(directory)
+        _published(directory, fleet, _running(fleet, directory))
+        others = [t["id"] for t in _running(fleet, directory) if t["id"] != tid]
+        answer = _propose(fleet, directory, via or (others[0] if others else None),
+                          f"member retire {tid}")
+        next(t for t in fleet["terminals"] if t["id"] == tid)["retired"] = True
+    except (RuntimeError, OSError) as exc:
+        print(f"edgekey fleet: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _write(directory, fleet)
+    print(f"{tid}: retired at height {answer['height']} ({answer['active']} active)")
     return 0
 
 
