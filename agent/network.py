@@ -287,9 +287,11 @@ class FleetNetwork:
                 self._checkpoint_applied(c.height)
             self._membership_applied(block)
         else:
+            why = self.terminal.last_refusal
             self.counts["candidates.refused"] += 1
-            log.warning("candidate %s at %d refused by this terminal's rules",
-                        c.key.decode(errors="replace"), c.height)
+            self.counts[f"candidates.refused.{why}"] += 1
+            log.warning("candidate %s at %d refused by this terminal's rules: %s",
+                        c.key.decode(errors="replace"), c.height, why)
         return actions
 
     def _membership_applied(self, block: object) -> None:

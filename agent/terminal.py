@@ -25,6 +25,7 @@ from agent.keystore.transport import AllowList, open_envelope
 from agent.ledger.block import Block, header_hash
 from agent.ledger.chain import BlockRejected, Chain, LedgerError, open_chain
 from agent.ledger.identity import TerminalIdentity
+from agent.ledger.repair import Repair, repair_chain
 from agent.node import events as ev
 from agent.node.actions import Action, EraseKey, Log, SendKey, StoreKey
 from agent.node.core import Node, NodeConfig
@@ -55,6 +56,7 @@ class Terminal:
         self.peers = peers
         self.node = Node(config, self.chain.state, self.keys)
         self.refused_blocks = 0
+        self.last_refusal = ""  # the rule the newest refused ordered block broke
         self.boot_actions = self._carry_out(self.node.boot(clock()))
 
     # ------------------------------------------------------------ driving
@@ -75,6 +77,7 @@ class Terminal:
             # An ordered block this terminal's rules refuse: a faulty majority or a bug.
             # It is not applied here; the node core hears that its own block failed.
             self.refused_blocks += 1
+            self.last_refusal = exc.reason.name
             log.warning("terminal %s: ordered block refused: %s", self.id, exc)
             return self.feed(ev.BlockRefused(block.header.height, header_hash(block.header),
                                              str(exc)))
@@ -132,6 +135,13 @@ def open_node_chain(config: NodeConfig, ledger: BlockDevice) -> Chain:
     """The chain on the ledger partition under the node's rules (its PoW, placement, genesis)."""
     return open_chain(ledger, config.identity, require_pow=config.pow_difficulty,
                       placement_home=config.placement_home, genesis_hash=config.genesis_hash)
+
+
+def repair_node_chain(config: NodeConfig, ledger: BlockDevice) -> tuple[Chain, Repair]:
+    """The damaged ledger partition cut back to the blocks before the damage, under the node's
+    rules (agent/ledger/repair.py): for a fleet terminal, whose fleet gives the rest back."""
+    return repair_chain(ledger, config.identity, require_pow=config.pow_difficulty,
+                        placement_home=config.placement_home, genesis_hash=config.genesis_hash)
 
 
 def board_partitions(device: BlockDevice, flash: Flash) -> tuple[BlockDevice, BlockDevice]:

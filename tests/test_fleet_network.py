@@ -11,10 +11,12 @@ Injected, in this order, with a fixed seed:
 2. the etcd leader's process SIGKILLed alone (its terminal's agent keeps
    running, its client and watch fail over), then a follower's; each
    restarted while the meters keep rotating;
-3. with the meters stopped, a block written straight into etcd by ecd-04's
-   certificate: signed by ecd-04 but endorsed by nobody.
+3. with the meters stopped, two blocks written straight into etcd by ecd-04's
+   certificate: one signed by ecd-04 but endorsed by nobody, one carrying a
+   majority of forged endorsements (ecd-00..02's names, other keys).
 
-What must survive: every terminal refuses the forged block and counts it;
+What must survive: every terminal refuses both forged blocks and counts each
+under its reason (TOO_FEW_ENDORSEMENTS, BAD_ENDORSEMENT_SIGNATURE);
 the meters, restarted, still commit past it; once the meters stop, all five
 chains have the same full-state digest; every key version a meter had
 acknowledged is on the chain and its home holds its key; a key fetched
@@ -46,7 +48,7 @@ from fleetprobe import (
 )
 
 from agent.keystore.material import fingerprint
-from agent.ledger.block import build_block, encode_block
+from agent.ledger.block import build_block, encode_block, endorse, with_endorsements
 from agent.ledger.identity import TerminalIdentity
 from agent.ledger.tx import TxBuilder
 from agent.net.etcd import EtcdClient
@@ -129,19 +131,32 @@ def test_five_terminals_survive_power_cuts_and_refuse_a_forged_block(tmp_path: P
                                        fingerprint=hashlib.sha256(b"k").digest(), counter=1)
         forged = build_block(cheat, height=tip + 1, prev_hash=tip_hash,
                              timestamp_ms=int(time.time() * 1000), txs=[tx])
+        # ... and one carrying a majority of forged endorsements: ecd-00..02's names,
+        # signed with keys that are not theirs.
+        fakes = [TerminalIdentity.from_seed(t, hashlib.sha256(b"forger " + t.encode()).digest())
+                 for t in ("ecd-00", "ecd-01", "ecd-02")]
+        tx2 = TxBuilder(cheat).register(b"\x98" * 6, key_version=1,
+                                        fingerprint=hashlib.sha256(b"k2").digest(), counter=1)
+        bare = build_block(cheat, height=tip + 1, prev_hash=tip_hash,
+                           timestamp_ms=int(time.time() * 1000) + 1, txs=[tx2])
+        endorsed = with_endorsements(bare, [endorse(f, bare.header) for f in fakes])
         with EtcdClient(fleet["etcd"]["endpoints"], ca=str(tls / "ca.crt"),
                         cert=str(tls / "ecd-04.crt"), key=str(tls / "ecd-04.key")) as etcd:
-            key = chain_key(f"/edgekey/{d.name}/".encode(), tip + 1, "ecd-04-forged")
-            assert etcd.create(key, encode_block(forged))
+            prefix = f"/edgekey/{d.name}/".encode()
+            assert etcd.create(chain_key(prefix, tip + 1, "ecd-04-forged"), encode_block(forged))
+            assert etcd.create(chain_key(prefix, tip + 1, "ecd-04-endorsed"),
+                               encode_block(endorsed))
 
         def all_refused() -> bool:
             for url in consoles(fleet).values():
                 with ConsoleClient(url, timeout=5.0) as c:
-                    if console_json(c, "net")["network"].get("candidates.refused", 0) < 1:
-                        return False
+                    counts = console_json(c, "net")["network"]
+                if (counts.get("candidates.refused.TOO_FEW_ENDORSEMENTS", 0) < 1
+                        or counts.get("candidates.refused.BAD_ENDORSEMENT_SIGNATURE", 0) < 1):
+                    return False
             return True
 
-        wait(all_refused, 20, "every terminal to refuse the forged block")
+        wait(all_refused, 20, "every terminal to refuse both forged blocks, each for its reason")
         assert set(heights(fleet).values()) == {tip}  # nothing applied it
 
         # Survives: the fleet commits past the forged candidate once the meters run again.
