@@ -71,6 +71,11 @@ def test_retired_terminals_stop_counting_and_leave_etcd(tmp_path: Path):
         with ConsoleClient(urls["ecd-00"]) as c:
             net = console_json(c, "net")
             assert not net["peers"].get("ecd-04", {}).get("connected"), net["peers"]
+        cut = 0
+        for t in ("ecd-00", "ecd-01", "ecd-02", "ecd-03"):  # its links: refused as not a member
+            with ConsoleClient(urls[t]) as c:
+                cut += console_json(c, "net")["transport"].get("refused.not_member", 0)
+        assert cut >= 1
         wait(lambda: min(h for t, h in heights(fleet).items() if t != "ecd-04")
              > max(before.values()) + 3, 30, "the four to commit without ecd-04")
 
