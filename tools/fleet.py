@@ -50,7 +50,14 @@ from typing import Any
 
 from emulator.netns import NetnsPlan
 from emulator.netns import available as netns_available
-from tools.provision_cmd import add_terminal, etcd_client, provision_fleet, publish, retire_terminal
+from tools.provision_cmd import (
+    add_terminal,
+    etcd_client,
+    provision_fleet,
+    publish,
+    retire_terminal,
+)
+from tools.provision_cmd import write_fleet as _write
 
 STOP_ORDER = ("meters", "agent", "channel", "cable", "etcd")  # meters first, etcd last
 START_ORDER = ("cable", "channel", "agent", "meters")
@@ -246,12 +253,6 @@ def _start(proc: dict, directory: Path, name: str, extra: list[str] | None = Non
             if child.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start (see {log})")
             time.sleep(0.02)
-
-
-def _write(directory: Path, fleet: dict) -> None:
-    tmp = directory / "fleet.json.tmp"
-    tmp.write_text(json.dumps(fleet, indent=1))
-    os.replace(tmp, directory / "fleet.json")
 
 
 def load_fleet(directory: Path) -> dict:
