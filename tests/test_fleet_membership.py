@@ -116,6 +116,8 @@ def test_retired_terminals_stop_counting_and_leave_etcd(tmp_path: Path):
         with ConsoleClient(urls["ecd-05"], timeout=10) as c:
             signed = console_json(c, "net")["endorsing"].get("endorse.signed", 0)
         assert signed > 0, "ecd-05 endorses the blocks after its own"
+        r = edgekey("fleet", "status", "--dir", str(d))  # ecd-02's etcd left with it: not DOWN
+        assert r.returncode == 0 and "left etcd (retired)" in r.stdout, r.stdout
         converged(fleet, d, "ecd-00")
     finally:
         fleet = down(d, fleet)

@@ -332,6 +332,8 @@ def _start_etcd(directory: Path, fleet: dict, ids: list[str]) -> None:
         proc = t["processes"].get("etcd")
         if proc is None or t["id"] not in ids or _alive(proc.get("pid"), _mark(directory)):
             continue
+        if t.get("retired"):  # its member left etcd's membership with it: it cannot rejoin
+            continue
         if (directory / f"{t['id']}.etcd").exists():  # a restart: the member rejoins
             proc["cmd"] = [("existing" if c == "new" else c) for c in proc["cmd"]]
         _start(proc, directory, f"{t['id']}.etcd")
@@ -568,8 +570,10 @@ def status(directory: Path) -> int:
     for t in fleet["terminals"]:
         for name, proc in t["processes"].items():
             alive = _alive(proc.get("pid"), _mark(directory))
-            bad += not alive
-            print(f"{t['id']} {name:<8} pid {proc.get('pid')}: {'running' if alive else 'DOWN'}")
+            gone = name == "etcd" and t.get("retired")  # removed from etcd with its terminal
+            bad += not (alive or gone)
+            print(f"{t['id']} {name:<8} pid {proc.get('pid')}: "
+                  f"{'running' if alive else 'left etcd (retired)' if gone else 'DOWN'}")
         try:
             with ConsoleClient(t["console"], timeout=3.0) as c:
                 r = c.run("status --json")
