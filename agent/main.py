@@ -41,6 +41,7 @@ from agent.keystore.transport import open_envelope
 from agent.ledger.block import Block, header_hash
 from agent.ledger.chain import ChainCorruptError, LedgerError
 from agent.ledger.query import query
+from agent.ledger.repair import Repair, RepairRefused
 from agent.logs import EventLog, ToEventLog
 from agent.meterlink import MeterLink
 from agent.net.ordering import EtcdOrdering
@@ -60,7 +61,7 @@ from agent.node.actions import (
 )
 from agent.node.core import NodeConfig
 from agent.remotequery import RemoteQueries
-from agent.terminal import Terminal, open_node_chain
+from agent.terminal import Terminal, open_node_chain, repair_node_chain
 from hal.blockdev import FileBlockDevice, open_partition
 from hal.board import Board, BoardConfigError, board_path, load_board
 from hal.devicekey import DeviceKeyFileError, load_device_key
@@ -249,13 +250,29 @@ class Agent:
             checkpoint_every=(ledger_cfg.checkpoint_every if self.opts.checkpoint_every is None
                               else self.opts.checkpoint_every))
         fl = self.board.flash
+        ledger = open_partition(self.device, fl, "ledger")
         # The chain is opened and judged before anything may write (the key store's opening,
-        # the reconcile): a refusal leaves the image as it was.
+        # the reconcile): a refusal leaves the image as it was. A fleet terminal's damaged
+        # ledger is cut back to the blocks before the damage, which its fleet gives back.
+        self.ledger_repair: Repair | None = None
         try:
-            chain = open_node_chain(self.node_config, open_partition(self.device, fl, "ledger"))
+            chain = open_node_chain(self.node_config, ledger)
         except ChainCorruptError as exc:
-            raise BootError(f"{self.opts.flash}: ledger partition damaged: {exc}; the image is "
-                            "left as it is") from None
+            damaged = f"{self.opts.flash}: ledger partition damaged: {exc}"
+            if p.network is None:  # a fleet of one has nowhere to fetch the lost blocks from
+                raise BootError(f"{damaged}; the image is left as it is") from None
+            try:
+                chain, self.ledger_repair = repair_node_chain(self.node_config, ledger)
+            except (RepairRefused, LogError) as why:
+                raise BootError(f"{damaged}; not repaired: {why}; the image is left as it "
+                                "is") from None
+            except (LedgerError, OSError) as why:
+                raise BootError(f"{damaged}; the repair failed part-way ({type(why).__name__}: "
+                                f"{why}); the next boot repairs again") from None
+            r = self.ledger_repair
+            self.log.event("agent.ledger_repaired", "warning", height=r.height,
+                           first_record_lost=r.first_record_lost, records_lost=r.records_lost,
+                           segments_erased=r.segments_erased, damage=r.damage)
         except (LedgerError, LogError) as exc:
             raise BootError(f"{self.opts.flash}: {type(exc).__name__}: {exc}") from None
         st = chain.log.stats()
@@ -289,6 +306,11 @@ class Agent:
             self.log.event("agent.formatted", genesis=_genesis_hash(p.genesis))
         if p.network is not None:
             self._open_network(p.network)
+            if self.ledger_repair is not None and self.network is not None:  # console `net`
+                self.network.counts.update({"ledger.repaired": 1,
+                                            "ledger.repaired.height": self.ledger_repair.height,
+                                            "ledger.repaired.records_lost":
+                                                self.ledger_repair.records_lost})
         self.queries = self._remote_queries()
         self._run(self.terminal.boot_actions)
         self.log.event("agent.boot", height=self.chain.height,
@@ -355,6 +377,8 @@ class Agent:
         if new.network is not None:
             self.peer_addresses.update({t: a for t, a in new.network.peers.items()
                                         if t != self.opts.node})
+            if self.network is not None:
+                self.network.ordering.add_endpoints(new.network.etcd)
         added = sorted({t.terminal_id for t in new.terminals}
                        - {t.terminal_id for t in old.terminals})
         self.log.event("agent.provisioning_updated", issued_ms=new.issued_ms, added=added,

@@ -201,6 +201,25 @@ def test_failover_when_the_first_endpoint_dies(cluster: EtcdCluster) -> None:
             cluster.start_member(victim)
 
 
+def test_an_endpoint_added_at_run_time_is_failed_over_to(cluster: EtcdCluster) -> None:
+    """A voting terminal added to the fleet: its member joins the client's failover list.
+    Injected: the only endpoint the client started with is killed."""
+    victim = a_follower(cluster)
+    other = next(i for i in range(3) if i != victim)
+    with cluster.client(victim) as c:
+        c.put(b"t/added/k", b"1")
+        c.add_endpoint(cluster.endpoint(other))
+        c.add_endpoint(cluster.endpoint(other))  # once only
+        assert c.endpoints == [cluster.endpoint(victim), cluster.endpoint(other)]
+        cluster.kill(victim)
+        try:
+            revision = c.put(b"t/added/k", b"2")
+            assert c.endpoint == cluster.endpoint(other)
+            assert c.get(b"t/added/k")[:2] == (b"2", revision)
+        finally:
+            cluster.start_member(victim)
+
+
 def test_a_stopped_member_gives_unavailable_within_the_timeout(cluster: EtcdCluster) -> None:
     victim = a_follower(cluster)
     with cluster.client(victim, timeout_s=1.0) as c:

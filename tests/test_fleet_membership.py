@@ -113,6 +113,9 @@ def test_retired_terminals_stop_counting_and_leave_etcd(tmp_path: Path):
         live = ("ecd-00", "ecd-01", "ecd-03", "ecd-05")
         wait(lambda: min(h for t, h in heights(fleet).items() if t in live)
              > max(before.values()) + 3, 30, "the four to commit with ecd-05")
+        with ConsoleClient(urls["ecd-00"], timeout=10) as c:  # may fail over to m3 too
+            assert fleet["etcd"]["members"]["ecd-05"]["client"] in console_json(
+                c, "net")["etcd_endpoints"]
         with ConsoleClient(urls["ecd-05"], timeout=10) as c:
             signed = console_json(c, "net")["endorsing"].get("endorse.signed", 0)
         assert signed > 0, "ecd-05 endorses the blocks after its own"

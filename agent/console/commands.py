@@ -279,7 +279,8 @@ def build_commands(agent: Agent) -> list[Command]:
                  for p in network.peers.peers()}
         ordering = network.ordering
         data = {"synced": agent.synced, "etcd_up": network.etcd_up,
-                "etcd_endpoint": ordering.client.endpoint, "proposer": node.proposer,
+                "etcd_endpoint": ordering.client.endpoint,
+                "etcd_endpoints": list(ordering.client.endpoints), "proposer": node.proposer,
                 "ordering": dict(ordering.counters), "network": dict(network.counts),
                 "transport": dict(network.peers.counters),
                 "forwarding": {k: v for k, v in node.counters.items()

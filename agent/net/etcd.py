@@ -207,16 +207,26 @@ class EtcdClient:
                  timeout_s: float = 2.0) -> None:
         if not endpoints:
             raise ValueError("EtcdClient needs at least one endpoint")
-        self.endpoints = list(endpoints)
+        self.endpoints: list[str] = []
         self.timeout_s = timeout_s
+        self._tls = (ca, cert, key)
         self._clients: list[Etcd3Client] = []
-        for url in self.endpoints:
-            protocol, host, port = split_endpoint(url)
-            client = Etcd3Client(host=host, port=port, protocol=protocol, ca_cert=ca,
-                                 cert_key=key, cert_cert=cert, api_path=API_PATH)
-            client.session = make_session(timeout_s, ca=ca, cert=cert, key=key)
-            self._clients.append(client)
+        for url in endpoints:
+            self.add_endpoint(url)
         self._current = 0
+
+    def add_endpoint(self, url: str) -> None:
+        """One more member to fail over to (a voting terminal added at run time); the list
+        only grows, so a call in another thread sees it whole or not at all."""
+        if url in self.endpoints:
+            return
+        ca, cert, key = self._tls
+        protocol, host, port = split_endpoint(url)
+        client = Etcd3Client(host=host, port=port, protocol=protocol, ca_cert=ca,
+                             cert_key=key, cert_cert=cert, api_path=API_PATH)
+        client.session = make_session(self.timeout_s, ca=ca, cert=cert, key=key)
+        self._clients.append(client)
+        self.endpoints.append(url)
 
     @property
     def endpoint(self) -> str:

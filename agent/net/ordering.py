@@ -212,6 +212,17 @@ class EtcdOrdering:
         self._eligible = ok and member
         self._member = member
 
+    def add_endpoints(self, urls: Sequence[str]) -> None:
+        """etcd members the fleet gained (a provisioning update): the client and the watch
+        may fail over to them too."""
+        for url in urls:
+            self.client.add_endpoint(url)
+            watch = self._watch
+            if watch is not None:
+                watch.add_endpoint(url)
+            if url not in self.endpoints:
+                self.endpoints.append(url)
+
     def remove_member(self, name: str) -> None:
         """Take etcd member ``name`` out of etcd's membership (its terminal was retired)."""
         self._job("remove_member", name)

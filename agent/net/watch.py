@@ -164,6 +164,13 @@ class SupervisedWatch:
         """The endpoint the watch is on, or will try next."""
         return self.endpoints[self._endpoint_index]
 
+    def add_endpoint(self, url: str) -> None:
+        """One more member to resume on (the list only grows; see EtcdClient.add_endpoint)."""
+        split_endpoint(url)
+        with self._lock:
+            if url.rstrip("/") not in self.endpoints:
+                self.endpoints.append(url.rstrip("/"))
+
     def start(self) -> None:
         with self._lock:
             if self._thread is not None or self._stopped:
