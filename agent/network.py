@@ -61,7 +61,7 @@ from agent.terminal import Terminal
 
 log = logging.getLogger("edgekey.network")
 
-MAX_AHEAD = 4096  # candidates above the next height held for the gap to close
+MAX_AHEAD = 4096  # candidates above the next height held for the gap to close (all heights)
 MAX_INBOX = 65536  # peer messages and ordering results between two passes
 GAP_RESYNC_S = 2.0
 # Candidates judged per pass of the agent's loop: a backlog of thousands (a catch-up) is
@@ -94,6 +94,7 @@ class FleetNetwork:
         self._backlog: deque[object] = deque()  # ordering results not taken yet, in order
         self.query_inbox: list[tuple[str, wire.QueryForward | wire.QueryAnswer]] = []
         self._ahead: dict[int, list[Candidate]] = {}
+        self._ahead_count = 0  # candidates in _ahead, all heights
         self._gap_since: float | None = None
         self._gap_resyncs = 0
         self.catchup: CatchUp | None = None
@@ -251,18 +252,24 @@ class FleetNetwork:
             self.counts["candidates.settled"] += 1  # that height is decided here already
             return []
         if c.height > tip + 1:
-            if len(self._ahead) < MAX_AHEAD:
-                self._ahead.setdefault(c.height, []).append(c)
-            else:
+            held = self._ahead.get(c.height, [])
+            if any(x.key == c.key for x in held):  # a resync reads again what is held
+                return []
+            if self._ahead_count >= MAX_AHEAD:  # a resync reads it again once there is room
                 self.counts["candidates.ahead_dropped"] += 1
+                return []
+            self._ahead.setdefault(c.height, held).append(c)
+            self._ahead_count += 1
             return []
         actions = self._judge(c)
         while chain.height is not None and chain.height + 1 in self._ahead:
-            for later in self._ahead.pop(chain.height + 1):
+            held = self._ahead.pop(chain.height + 1)
+            self._ahead_count -= len(held)
+            for later in held:
                 if later.height == chain.height + 1:
                     actions.extend(self._judge(later))
         for h in [h for h in self._ahead if chain.height is not None and h <= chain.height]:
-            del self._ahead[h]
+            self._ahead_count -= len(self._ahead.pop(h))
         return actions
 
     def _judge(self, c: Candidate) -> list[Action]:
@@ -313,8 +320,11 @@ class FleetNetwork:
             self.counts["retained"] += 1
 
     def _check_gap(self) -> None:
-        if not self._ahead or self._backlog:  # what is still queued may close it
+        if not self._ahead:
             self._gap_since, self._gap_resyncs = None, 0
+            return
+        if self._backlog:  # what is still queued may close it: wait, but keep the count
+            self._gap_since = None
             return
         now = time.monotonic()
         if self._gap_since is None:

@@ -326,9 +326,16 @@ class EtcdOrdering:
                     self._probe()
                     self._do_campaign()
                 self._health(True)
-            except EtcdError as exc:
-                self._count("etcd.errors")
-                self._health(False, str(exc))
+            except Exception as exc:  # the worker must outlive any one job
+                # etcd down is routine; anything else (a MemoryError under the RAM budget, a
+                # gateway answer etcd3gw cannot parse) is logged, but the terminal must not
+                # silently stop following the ordering because one job failed.
+                if isinstance(exc, EtcdError):
+                    self._count("etcd.errors")
+                else:
+                    self._count("worker.errors")
+                    log.exception("ordering worker: %s job failed", kind or "periodic")
+                self._health(False, f"{type(exc).__name__}: {exc}")
                 if kind == "submit":
                     height, block_hash, _ = arg  # type: ignore[misc]
                     self._emit(Submitted(height, block_hash, False, f"etcd: {exc}"))
