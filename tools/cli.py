@@ -128,6 +128,27 @@ def _bench_fleet(args: argparse.Namespace) -> int:
     return _emit(result, bench_fleet.rows(result), "edgekey bench fleet", args.out)
 
 
+def _bench_faults(args: argparse.Namespace) -> int:
+    from tools import bench_faults
+
+    try:
+        result = bench_faults.run(terminals=args.terminals, meters=args.meters, ops=args.ops,
+                                  rotate_every=args.rotate_every,
+                                  checkpoint_every=args.checkpoint_every,
+                                  power_cuts=args.power_cuts, etcd_kills=not args.no_etcd_kills,
+                                  seed=args.seed, directory=args.dir,
+                                  progress=args.progress or sys.stderr.isatty())
+    except ValueError as exc:
+        print(f"edgekey: {exc}", file=sys.stderr)
+        return 2
+    _emit(result, bench_faults.rows(result), "edgekey bench faults", args.out)
+    for why in result["failures"]:
+        print(f"edgekey bench faults: FAILED: {why}", file=sys.stderr)
+    if result["failures"] and result.get("dir"):
+        print(f"edgekey bench faults: the fleet's logs are in {result['dir']}", file=sys.stderr)
+    return 1 if result["failures"] else 0
+
+
 def _paper(args: argparse.Namespace) -> int:
     from tools import paper
 
@@ -266,6 +287,33 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--no-progress", action="store_true", help="no progress bars")
     bf.add_argument("--out", default="bench/results/fleet.json")
     bf.set_defaults(handler=_bench_fleet)
+
+    from tools.argtypes import nonneg_int, positive_float, positive_int
+
+    bx = bench.add_parser("faults", help="a fleet of emulated meters under power cuts, etcd "
+                                         "member kills and a catch-up by snapshot: no "
+                                         "acknowledged operation lost, one chain")
+    bx.add_argument("--terminals", type=positive_int, default=13)
+    bx.add_argument("--meters", type=positive_int, default=300)
+    bx.add_argument("--ops", type=positive_int, default=10_000,
+                    help="key operations (registers and rotations) to see acknowledged")
+    bx.add_argument("--rotate-every", type=positive_float, default=3.0,
+                    help="seconds between a meter's rotations (300 meters: 100 ops/s)")
+    bx.add_argument("--checkpoint-every", type=positive_int, default=200, metavar="N",
+                    help="blocks between checkpoints: etcd keeps the blocks from the one "
+                         "before the newest")
+    bx.add_argument("--power-cuts", type=nonneg_int, default=3,
+                    help="rounds of power cuts of a random minority")
+    bx.add_argument("--no-etcd-kills", action="store_true",
+                    help="leave out the etcd leader's and a follower's kill")
+    bx.add_argument("--seed", type=int, default=1, help="the fault schedule's and the fleet's")
+    bx.add_argument("--dir", default=None,
+                    help="the fleet's folder, kept afterwards (default: tmp, removed unless a "
+                         "check fails)")
+    bx.add_argument("--progress", action="store_true",
+                    help="a progress bar also when stderr is not a terminal")
+    bx.add_argument("--out", default="bench/results/faults.json")
+    bx.set_defaults(handler=_bench_faults)
 
     from tools import flash_tool
 
