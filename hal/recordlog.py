@@ -46,9 +46,12 @@ where the record would end:
     with END written, a wrong END value, bytes after an erased END).
 
 A torn tail was never acknowledged and is dropped; rot is damage (below).
-One fault at a time is assumed, with one exception: rot in a torn tail the
-log has since moved past (the next segment starts at that tail's first id,
-so nothing there was committed) costs nothing and is not reported.
+One fault at a time is assumed, with one exception: damage in a segment
+the log has since moved past costs nothing and is not reported. The next
+segment starting at the first id the damage would lose says the writer
+went on without those records: after a power cut (rot in a torn tail,
+whose records were never committed), or after ``discard_damage`` gave them
+up (below).
 hcrc is consulted only for a record whose CRC-32 fails: on an intact record
 the CRC-32 covers it already, so boot checks nothing more per record than
 its END byte.
@@ -73,7 +76,19 @@ failing its check before intact ones, or a gap between segments is damage:
 records it would lose, and nothing is silently dropped. ``salvage=True``
 opens such a log read-only with only the committed records before the
 damage, so the layer above can say what the damage cost (the ledger names
-the block). A segment header of another format version is refused with
+the block; ``report.records_lost`` counts the ids given up).
+
+Discarding damage (``discard_damage``, on a salvaged log) is for a layer
+that can get the lost records back elsewhere (the ledger, from its fleet).
+It erases the segments holding only records past the damage, then opens a
+segment starting at the first id lost, which the next recovery reads as the
+log having moved past the damaged records; the segment holding the damage
+keeps the records before it and is released later like any old segment. A
+power cut before that segment header is on flash leaves the damage as it
+was (what was erased held nothing kept), to be salvaged the same way again;
+after it, the log opens with the records before the damage.
+
+A segment header of another format version is refused with
 ``LogFormatError``, not taken for free space that ``erase_dirty`` would
 erase.
 
@@ -174,6 +189,9 @@ class RecoveryReport:
     torn_tail: bool
     dropped_batch_records: int
     damage: tuple[Damage, ...] = ()
+    # salvage: ids from the first damaged record to the newest one recovery saw (at least
+    # the records the damage costs; 0 without damage)
+    records_lost: int = 0
 
 
 @dataclass(frozen=True)
@@ -405,6 +423,9 @@ class RecordLog:
         self._next_seq = 1
         self._next_serial = 1
         self._salvage = salvage
+        self._highest_seen = 0  # newest record id recovery saw, damaged or not
+        self._discard: list[int] = []  # salvage: segments holding only records past the damage
+        self._cut_inside = False  # salvage: intact records follow the cut in a kept segment
         self.report = self._recover()
 
     # ------------------------------------------------------------ recovery
@@ -450,31 +471,34 @@ class RecordLog:
         torn_tail = False
         dropped = 0
         expected = used[0][2] if used else 1
-        tail_rot: Damage | None = None
+        passed: Damage | None = None
         for i, (serial, block, first_seq) in enumerate(used):
-            # rot in a segment's tail costs nothing if the log moved on past it: the next
-            # segment starting at that tail's id shows it was a torn write of an earlier boot
-            if tail_rot is not None and first_seq != tail_rot.expected_seq:
-                damage.append(tail_rot)
+            # damage in a segment costs nothing if the log moved on past it: the next segment
+            # starting at the first id it would lose shows those records were given up (a torn
+            # write of an earlier boot, or discard_damage)
+            if passed is not None and first_seq != passed.expected_seq:
+                damage.append(passed)
             if first_seq != expected:
                 damage.append(Damage(block, USE_OFFSET, expected,
                                      f"segment starts at record {first_seq}, expected {expected}"))
-            seg, seg_dropped, clean_end, tail_rot = self._scan_segment(block, serial, first_seq,
-                                                                       damage)
+            seg, seg_dropped, clean_end, passed = self._scan_segment(block, serial, first_seq)
             dropped += seg_dropped
             torn_tail = not clean_end and i == len(used) - 1
             expected = seg.last_seq + 1
             self._segments.append(seg)
             self._next_serial = serial + 1
-        if tail_rot is not None:
-            damage.append(tail_rot)
+        if passed is not None:
+            damage.append(passed)
+        lost = 0
         if damage:
             lines = "; ".join(f"segment {d.segment} offset {d.offset}: {d.detail} "
                               f"(committed records from {d.expected_seq} on would be lost)"
                               for d in damage)
             if not self._salvage:
                 raise LogCorruptError(f"record log damaged: {lines}")
-            expected = self._keep_before(min(d.expected_seq for d in damage))
+            cut = min(d.expected_seq for d in damage)
+            lost = max(self._highest_seen, expected - 1) - cut + 1
+            expected = self._keep_before(cut)
             self._failed = True  # read-only: what follows the damage is unknown
         self._firsts = [s.first_seq for s in self._segments]
         self._next_seq = expected
@@ -482,15 +506,19 @@ class RecordLog:
             records=self._next_seq - self.first_seq, first_seq=self.first_seq,
             next_seq=self._next_seq, used_segments=len(self._segments),
             free_segments=len(self._free), dirty_segments=len(self._dirty),
-            torn_tail=torn_tail, dropped_batch_records=dropped, damage=tuple(damage))
+            torn_tail=torn_tail, dropped_batch_records=dropped, damage=tuple(damage),
+            records_lost=max(0, lost))
 
     def _keep_before(self, cut: int) -> int:
         """Salvage: keep only the records before ``cut``; returns the next id."""
         kept: list[_Segment] = []
-        for seg in self._segments:
+        for i, seg in enumerate(self._segments):
             if seg.first_seq >= cut:
+                self._discard = [s.block for s in self._segments[i:]]
                 break
-            del seg.offsets[cut - seg.first_seq:]
+            if len(seg.offsets) > cut - seg.first_seq:
+                self._cut_inside = True
+                del seg.offsets[cut - seg.first_seq:]
             kept.append(seg)
         self._segments = kept
         return kept[-1].last_seq + 1 if kept else cut
@@ -510,29 +538,31 @@ class RecordLog:
             damage.append(Damage(block, USE_OFFSET, seq,
                                  f"segment holds record {seq} but its use header is damaged"))
 
-    def _scan_segment(self, block: int, serial: int, first_seq: int, damage: list[Damage]
+    def _scan_segment(self, block: int, serial: int, first_seq: int
                       ) -> tuple[_Segment, int, bool, Damage | None]:
         """Index one used segment: (segment, records of an unfinished batch dropped, clean end,
-        rot found in its tail).
+        damage found in it).
 
         Records are kept up to the first one that is not intact; what lies
-        from there to the segment's end is a torn write or rot (``_rot``),
-        which the caller judges against the next segment.
+        from there to the segment's end is a torn write or rot (``_rot``).
+        The damage is judged by the caller against the next segment: it
+        costs nothing if that one starts at the first id it would lose.
         """
         seg = _Segment(block, serial, first_seq)
         limit = self.segment_bytes
         buf = memoryview(self._read(block, 0, limit))
         pos, committed, in_order = DATA_START, 0, True
-        tail_rot: Damage | None = None
+        found: Damage | None = None
+        later: int | None = None  # an intact record after the one failing its check
         while (rec := _parse_record(buf, pos, limit)) is not None:
             seq, flags, length = rec
             end = pos + REC_HEADER + length
             if end >= limit or buf[end] != END:
                 break
             if seq != first_seq + len(seg.offsets):
-                damage.append(Damage(block, pos, first_seq + committed,
-                                     f"record {seq} out of order, record "
-                                     f"{first_seq + len(seg.offsets)} expected"))
+                found = Damage(block, pos, first_seq + committed,
+                               f"record {seq} out of order, record "
+                               f"{first_seq + len(seg.offsets)} expected")
                 in_order = False
                 break
             seg.offsets.append(pos)
@@ -544,22 +574,27 @@ class RecordLog:
         clean_end = tail < 0
         if not clean_end:
             seg.sealed = True  # never program over what is there
+        seen = first_seq + len(seg.offsets) - 1  # the newest intact id, before any drop
         if not clean_end and in_order:
             rot = _rot(buf, pos, limit, tail)
             where = f"record {first_seq + len(seg.offsets)} at offset {pos}"
             # committed records from the unfinished batch's start are lost
             later = _find_valid_record(buf, pos + ALIGN, limit)
             if later is not None:  # never a torn tail: a cut is the last write to a segment
-                damage.append(Damage(block, pos, first_seq + committed, (
+                found = Damage(block, pos, first_seq + committed, (
                     f"{where} {rot}; record {later} after it is intact" if rot else
-                    f"{where} fails its check while record {later} after it is intact")))
+                    f"{where} fails its check while record {later} after it is intact"))
             elif rot is not None:
-                tail_rot = Damage(block, pos, first_seq + committed, f"{where} {rot}")
+                found = Damage(block, pos, first_seq + committed, f"{where} {rot}")
+        if found is not None:  # the failing record's id, or the newest intact one after it
+            after = 0 if later is None else _newest_valid_record(buf, pos + ALIGN, limit)
+            seen = max(seen + 1, after)
+        self._highest_seen = max(self._highest_seen, seen)
         dropped = len(seg.offsets) - committed
         if dropped:  # an unfinished batch was never acknowledged: drop it
             del seg.offsets[committed:]
             seg.sealed = True
-        return seg, dropped, clean_end and not dropped, tail_rot
+        return seg, dropped, clean_end and not dropped, found
 
     # ------------------------------------------------------------- reading
 
@@ -740,6 +775,40 @@ class RecordLog:
             raise
         return len(dirty)
 
+    def discard_damage(self) -> int:
+        """Give up the records a salvaged log lost and make it writable again (module
+        docstring); returns the segments erased.
+
+        Nothing is written when the damage cannot be put behind the log this
+        way (intact records follow the cut in a segment that is kept): that
+        raises LogError first.
+        """
+        if not self._salvage or not self.report.damage:
+            raise LogError("only a log opened with salvage=True over damage has any to discard")
+        if self._cut_inside:
+            raise LogError("intact records follow the damage inside a segment the log keeps; "
+                           "a new segment cannot put them behind it")
+        damaged_free = {d.segment for d in self.report.damage if d.segment in self._free}
+        erase = sorted({*self._discard, *damaged_free})
+        if not erase and not self._free:
+            raise PartitionFullError("no free segment to start past the damage in")
+        try:
+            for block in erase:  # hold nothing kept: a cut here leaves the same damage
+                self._erase(block)
+                self._free.add(block)
+            if erase:
+                self.device.ioctl(IOCTL_SYNC, 0)
+            seg = self._open_segment(self._next_seq)  # from here the log is past the damage
+            self.device.ioctl(IOCTL_SYNC, 0)
+        except BaseException:
+            self._failed = True
+            raise
+        self._discard = []
+        self._segments.append(seg)
+        self._firsts.append(seg.first_seq)
+        self._salvage = self._failed = False
+        return len(erase)
+
     # ---------------------------------------------------------- compaction
 
     def release(self, before_seq: int) -> int:
@@ -788,6 +857,19 @@ class RecordLog:
             erase_min=min(wear), erase_max=max(wear), erase_mean=sum(wear) / len(wear),
             index_bytes=sum(s.offsets.buffer_info()[1] * s.offsets.itemsize
                             for s in self._segments))
+
+
+def _newest_valid_record(buf: memoryview, start: int, limit: int) -> int:
+    """Highest seq of the intact records at aligned offsets from ``start`` (0: none)."""
+    raw = bytes(buf)
+    newest, pos = 0, raw.find(_REC_MAGIC_BYTES, start)
+    while pos >= 0:
+        if pos % ALIGN == 0 and (rec := _intact_record(buf, pos, limit)) is not None:
+            newest = max(newest, rec[0])
+            pos = raw.find(_REC_MAGIC_BYTES, pos + record_size(rec[2]))
+        else:
+            pos = raw.find(_REC_MAGIC_BYTES, pos + 1)
+    return newest
 
 
 def _find_valid_record(buf: memoryview, start: int, limit: int) -> int | None:

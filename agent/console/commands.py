@@ -75,6 +75,9 @@ def build_commands(agent: Agent) -> list[Command]:
                 "operations_in_flight": node.inflight,
                 "terminals": chain.state.active_count,
                 "synced": agent.synced, "proposer": node.proposer,
+                "ledger_repaired": None if agent.ledger_repair is None else {
+                    "height": agent.ledger_repair.height,
+                    "records_lost": agent.ledger_repair.records_lost},
                 "rss_bytes": usage.rss_bytes, "ram_budget_bytes": usage.budget_bytes,
                 "links": {r: ("up" if r in agent.ports or r == "console" else "down")
                           for r in agent.link_urls}}

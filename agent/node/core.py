@@ -942,10 +942,14 @@ class Node:
         """A committed change with no operation of ours behind it: square the key store with it.
 
         The operation may be another terminal's, or ours forgotten (a reboot, a
-        timeout): either way the chain says what this terminal must hold.
+        timeout): either way the chain says what this terminal must hold. A key
+        above the entry's version is ahead of the chain (a repaired chain getting
+        its blocks back, reconcile.py): a later block committed it, so it is
+        neither erased nor handed over on this one.
         """
         mid = tx.meter_id
-        held = self.keys.status(mid) is StoreStatus.LIVE
+        held = self.keys.status(mid) is StoreStatus.LIVE and \
+            max(self.keys.versions(mid), default=0) <= entry.key_version
         if entry.status is MeterStatus.REVOKED:
             self._handovers.pop(mid, None)  # a revoked key is handed to nobody
             self._handover_due.pop(mid, None)
