@@ -47,7 +47,7 @@ from agent.meterlink import MeterLink
 from agent.net.ordering import EtcdOrdering
 from agent.net.peers import PeerNet, tls_contexts
 from agent.net.pki import common_name, sha256_pem
-from agent.net.wire import QueryForward
+from agent.net.wire import QueryAnswer, QueryForward, StationQuery, StationReply, StationRevoke
 from agent.network import FleetNetwork
 from agent.node import events as ev
 from agent.node.actions import (
@@ -60,7 +60,7 @@ from agent.node.actions import (
     SubmitBlock,
 )
 from agent.node.core import NodeConfig
-from agent.remotequery import RemoteQueries
+from agent.remotequery import QueryResult, RemoteQueries
 from agent.terminal import Terminal, open_node_chain, repair_node_chain
 from hal.blockdev import FileBlockDevice, open_partition
 from hal.board import Board, BoardConfigError, board_path, load_board
@@ -340,13 +340,15 @@ class Agent:
                                 cert=str(cert), key=str(key))
         # PeerNet reads this at each dial: a provisioning update adds the new terminals' here
         self.peer_addresses = {t: a for t, a in net.peers.items() if t != node}
+        station = self.provisioning.station_id  # a client: let in, never dialled, may only ask
         self.network = FleetNetwork(self.terminal, ordering, lambda on_message: PeerNet(
             self.pump, node, self.provisioning.fleet, server_ctx, client_ctx, net.peers[node],
-            self.peer_addresses, is_member=lambda t: state.is_active(t), on_message=on_message),
+            self.peer_addresses, is_member=lambda t: state.is_active(t) or t == station,
+            on_message=on_message),
             on_adopted=self._adopted, require_pow=self.board.ledger.pow_difficulty,
             etcd_members={t: m["name"] for t, m in net.members.items()},
             on_provisioning=self._provisioning_update,
-            provisioning_issued=self.provisioning.issued_ms)
+            provisioning_issued=self.provisioning.issued_ms, station=station)
         self.pump.add_fd(ordering.fileno(), selectors.EVENT_READ, lambda mask: None)
         ordering.start((self.chain.height or 0) + 1)
         self.log.event("agent.network", peers=len(net.peers) - 1, etcd=list(net.etcd),
@@ -399,9 +401,10 @@ class Agent:
             allow = self.terminal.peers  # read now: a provisioning update may have added one
             return self.terminal.keys.export(meter_id, requester.encode(), allow, version)
 
-        def authorised(requester: str) -> bool:  # an active member the utility provisioned
-            return state.is_active(requester) and requester in {
-                t.terminal_id for t in self.provisioning.terminals}
+        def authorised(requester: str) -> bool:  # an active member the utility provisioned,
+            p = self.provisioning                # or its master station
+            return requester == p.station_id or (state.is_active(requester) and requester in {
+                t.terminal_id for t in p.terminals})
 
         return RemoteQueries(node, state, export=export, authorised=authorised,
                              route=lambda home: (node, home))
@@ -422,6 +425,10 @@ class Agent:
                           else self.queries.on_answer)
                 for to, out in handle(peer, m, now):  # type: ignore[arg-type]
                     network.send(to, out)
+        if network.station_inbox:
+            asked, network.station_inbox = network.station_inbox, []
+            for m in asked:
+                self._station_request(network, m)
         if events:
             self._run(self.terminal.feed_many(events))
         fd = network.ordering.watch_fileno()
@@ -430,6 +437,37 @@ class Agent:
                 self.pump.remove_fd(self._watch_fd)
             self.pump.add_fd(fd, selectors.EVENT_READ, lambda mask: None)
             self._watch_fd = fd
+
+    def _station_request(self, network: FleetNetwork,
+                         m: StationQuery | StationRevoke) -> None:
+        """The master station asks through this terminal: a key (ours, or fetched from its
+        holder, wrapped to the station either way), or a revoke (this terminal must be the
+        meter's home); each answered once, on the station's connection."""
+        station = self.provisioning.station_id
+        assert station is not None
+        rid = m.request_id
+        self.counts[f"station.{type(m).__name__}"] += 1
+        if isinstance(m, StationQuery):
+            def answered(r: QueryResult) -> None:
+                detail = r.detail.encode()[:200].decode(errors="ignore")
+                network.send(station, QueryAnswer(rid, int(r.status), r.key_version, r.height,
+                                                  r.envelope, detail))
+
+            for to, out in self.queries.ask(m.meter_id, station, _clock(), answered):
+                network.send(to, out)
+            return
+
+        def done(a: Acknowledge | Refuse) -> None:
+            if isinstance(a, Acknowledge):
+                reply = StationReply(rid, True, 0, 0, a.height or 0, "")
+            else:
+                why = a.detail if a.home is None else f"{a.detail} (home {a.home})".strip()
+                reply = StationReply(rid, False, int(a.reason),
+                                     0 if a.ledger_reason is None else int(a.ledger_reason), 0,
+                                     why.encode()[:200].decode(errors="ignore"))
+            network.send(station, reply)
+
+        self.operator_request(lambda request_id: ev.OperatorRevoke(m.meter_id, request_id), done)
 
     # ============================================================= links
 

@@ -82,7 +82,7 @@ class FleetNetwork:
                  on_adopted: Callable[[int], None] = lambda height: None,
                  require_pow: int = 0, etcd_members: dict[str, str] | None = None,
                  on_provisioning: Callable[[bytes], bool] | None = None,
-                 provisioning_issued: int = -1):
+                 provisioning_issued: int = -1, station: str | None = None):
         self.terminal = terminal
         self.ordering = ordering
         self.peers = peers_factory(self._on_message)
@@ -105,6 +105,9 @@ class FleetNetwork:
         # The utility's provisioning updates, assembled from etcd; the agent checks and
         # applies each (True: believed and in force).
         self.on_provisioning = on_provisioning
+        # The master station, a client of this terminal (its id), and what it asked.
+        self.station = station
+        self.station_inbox: list[wire.StationQuery | wire.StationRevoke] = []
         self.provisioning_feed = Assembler(ordering.prefix, provisioning_issued)
 
     # ------------------------------------------------------------- outward
@@ -156,6 +159,17 @@ class FleetNetwork:
     def _on_message(self, peer: str, message: object) -> None:
         if len(self._inbox) >= MAX_INBOX:
             self.counts["inbox.full"] += 1
+            return
+        from_station = self.station is not None and peer == self.station
+        if from_station and not isinstance(message, wire.Hello):
+            # the station is a client, never a member: it may only ask
+            if isinstance(message, wire.FROM_STATION) and len(self.station_inbox) < MAX_INBOX:
+                self.station_inbox.append(message)  # the agent's (agent/main.py)
+            else:
+                self.counts[f"refused.station.{type(message).__name__}"] += 1
+            return
+        if isinstance(message, wire.FROM_STATION):  # a terminal never speaks for the station
+            self.counts[f"refused.peer.{type(message).__name__}"] += 1
             return
         event = self._event(peer, message)
         if event is not None:

@@ -42,6 +42,7 @@ from agent.ledger.identity import TerminalIdentity
 from agent.ledger.tx import Transaction, TxKind
 from hal.blockdev import BlockDevice
 from hal.board import Flash
+from hal.ids import check_terminal_id
 from hal.recordlog import RecordLog
 
 FORMAT = "edgekey-provisioning/1"
@@ -99,6 +100,9 @@ class Provisioning:
     network: Network | None = None
     # Terminals the utility has withdrawn: their TERMINAL_RETIRE may be endorsed.
     retired: frozenset[str] = frozenset()
+    # The master station: (its id, its X25519 transport key). Keys may be wrapped to it,
+    # and it may connect to a terminal as a client (never a member: it signs nothing).
+    station: tuple[str, bytes] | None = None
 
     def terminal(self, terminal_id: str) -> TerminalEntry:
         for t in self.terminals:
@@ -110,8 +114,15 @@ class Provisioning:
         return [m for m in self.meters if m.home == terminal_id]
 
     def allow_list(self) -> AllowList:
-        """Who a key may be wrapped to: the fleet's terminals."""
-        return AllowList({t.terminal_id.encode(): t.transport_public for t in self.terminals})
+        """Who a key may be wrapped to: the fleet's terminals and its master station."""
+        entries = {t.terminal_id.encode(): t.transport_public for t in self.terminals}
+        if self.station is not None:
+            entries[self.station[0].encode()] = self.station[1]
+        return AllowList(entries)
+
+    @property
+    def station_id(self) -> str | None:
+        return None if self.station is None else self.station[0]
 
     def authorises(self, tx: Transaction) -> bool:
         """Whether the utility ordered membership change ``tx``: a TERMINAL_ADD of a terminal
@@ -155,7 +166,8 @@ def document_for(*, fleet: str, board: str, layout: str, issued_ms: int, genesis
                  terminals: list[TerminalEntry], meters: list[tuple[bytes, str, tuple[float, float],
                                                                    bytes]],
                  entropy: Callable[[int], bytes] = os.urandom,
-                 network: Network | None = None, retired: tuple[str, ...] = ()) -> dict:
+                 network: Network | None = None, retired: tuple[str, ...] = (),
+                 station: tuple[str, bytes] | None = None) -> dict:
     """The document: ``meters`` as (id, home, xy, factory key), sealed here to each home."""
     allow = AllowList({t.terminal_id.encode(): t.transport_public for t in terminals})
     rows = []
@@ -173,6 +185,8 @@ def document_for(*, fleet: str, board: str, layout: str, issued_ms: int, genesis
             "meters": rows}
     if retired:
         document["retired"] = sorted(retired)
+    if station is not None:
+        document["station"] = {"id": station[0], "transport": station[1].hex()}
     if network is not None:
         document["network"] = {"ca_sha256": network.ca_sha256.hex(), "etcd": list(network.etcd),
                                "peers": {t: f"{h}:{port}" for t, (h, port) in
@@ -191,6 +205,18 @@ def _network(doc: dict | None) -> Network | None:
     members = {str(t): {k: str(v) for k, v in m.items()} for t, m in doc["members"].items()}
     return Network(bytes.fromhex(doc["ca_sha256"]), tuple(str(u) for u in doc["etcd"]), peers,
                    members)
+
+
+def _station(doc: dict | None) -> tuple[str, bytes] | None:
+    if doc is None:
+        return None
+    station_id, transport = str(doc["id"]), bytes.fromhex(doc["transport"])
+    why = check_terminal_id(station_id)
+    if why is not None:
+        raise ValueError(f"the station's id {station_id!r}: {why}")
+    if len(transport) != 32:
+        raise ValueError("the station's transport key must be 32 bytes")
+    return station_id, transport
 
 
 def verify(data: bytes, trusted: bytes) -> Provisioning:
@@ -223,7 +249,8 @@ def verify(data: bytes, trusted: bytes) -> Provisioning:
                                     (float(m["xy"][0]), float(m["xy"][1])),
                                     bytes.fromhex(m["factory_key"])) for m in document["meters"]),
             network=_network(document.get("network")),
-            retired=frozenset(str(t) for t in document.get("retired", ())))
+            retired=frozenset(str(t) for t in document.get("retired", ())),
+            station=_station(document.get("station")))
     except (ValueError, KeyError, TypeError, IndexError, DecodeError) as exc:
         raise ProvisioningError(f"signed provisioning document is malformed: {exc}") from None
 
@@ -264,6 +291,10 @@ def check_update(current: Provisioning, new: Provisioning) -> None:
                                     f"{m.meter_id.hex()}")
     if not current.retired <= new.retired:
         raise ProvisioningError("provisioning update takes back a withdrawn terminal")
+    if current.station is not None and new.station != current.station:
+        raise ProvisioningError("provisioning update changes the master station")
+    if new.station is not None and new.station[0] in terminals:
+        raise ProvisioningError("the master station's id is a terminal's")
 
 
 def factory_keys(prov: Provisioning, secrets: Secrets) -> dict[bytes, bytes]:

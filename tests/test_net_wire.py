@@ -42,6 +42,9 @@ from agent.net.wire import (
     QueryForward,
     SnapshotChunk,
     SnapshotRequest,
+    StationQuery,
+    StationReply,
+    StationRevoke,
     WireError,
     WireFault,
     WireValueError,
@@ -133,6 +136,10 @@ STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
     SnapshotChunk: snapshot_chunks(),
     Ping: st.builds(Ping, u64),
     Pong: st.builds(Pong, u64),
+    StationQuery: st.builds(StationQuery, u64, mids),
+    StationRevoke: st.builds(StationRevoke, u64, mids),
+    StationReply: st.builds(StationReply, u64, st.booleans(), u8, u16, u64,
+                            st.text(max_size=50)),
 }
 messages = st.one_of(*STRATEGIES.values())
 
@@ -156,6 +163,9 @@ def samples() -> list[Message]:
         SnapshotChunk(9, 2, 3, b"chunk" * 20),
         Ping(2**64 - 1),
         Pong(0),
+        StationQuery(5, b"\x01\x02\x03"),
+        StationRevoke(2**64 - 1, b"\x04" * 16),
+        StationReply(5, False, 11, int(Reason.RETIRED_PROPOSER), 0, "not the home"),
     ]
 
 
@@ -177,7 +187,7 @@ def refused(data: bytes, decoder: FrameDecoder | None = None) -> WireError:
 def test_every_message_type_is_covered_here() -> None:
     assert set(STRATEGIES) == set(MESSAGE_CLASSES.values())
     assert {type(m) for m in samples()} == set(MESSAGE_CLASSES.values())
-    assert [int(t) for t in MsgType] == list(range(1, 15))  # stable codes, none reused
+    assert [int(t) for t in MsgType] == list(range(1, 18))  # stable codes, none reused
 
 
 @given(messages)
@@ -316,6 +326,11 @@ def test_the_encoder_refuses_what_the_decoder_would() -> None:
     lambda: SnapshotChunk(0, 0, 1, b"\x00" * (MAX_CHUNK_DATA + 1)),
     lambda: Ping(2**64),
     lambda: Pong(-1),
+    lambda: StationQuery(-1, b"\x01"),
+    lambda: StationRevoke(0, b""),
+    lambda: StationReply(0, 1, 0, 0, 0, ""),  # type: ignore[arg-type]
+    lambda: StationReply(0, True, 256, 0, 0, ""),
+    lambda: StationReply(0, True, 0, 2**16, 0, ""),
 ])
 def test_messages_refuse_bad_fields_when_built(build: object) -> None:
     with pytest.raises(WireValueError):
@@ -337,7 +352,7 @@ def test_another_version_is_refused(version: int) -> None:
     assert refused(data[:3]).reason is WireFault.BAD_VERSION
 
 
-@pytest.mark.parametrize("msg_type", [0, 15, 200, 255])
+@pytest.mark.parametrize("msg_type", [0, 18, 200, 255])
 def test_an_unknown_type_is_refused_before_its_payload(msg_type: int) -> None:
     assert refused(frame(msg_type, b"")[:4]).reason is WireFault.UNKNOWN_TYPE
     with pytest.raises(WireError) as info:

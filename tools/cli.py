@@ -319,10 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     flash_tool.add_parser(sub, _flash)
 
-    from tools import fleet, provision_cmd
+    from tools import fleet, provision_cmd, station
 
     provision_cmd.add_parser(sub)
     fleet.add_parser(sub)
+    station.add_parser(sub)
 
     from tools import console_client
 

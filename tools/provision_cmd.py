@@ -10,7 +10,10 @@ under DIR:
   public keys, every meter with its factory key sealed to its home;
 - the fleet CA and certificates (``tls/``): one per terminal (its peer TLS
   and etcd client identity), one per etcd voting member, one for the
-  master station (``station``: it publishes provisioning updates);
+  master station (``station``: it publishes provisioning updates and
+  connects to terminals as a client); the station's X25519 transport key
+  (``station.key``; its public half is in the provisioning, so keys can be
+  wrapped to it);
 - one flash image per terminal of its board's size, the provisioning and
   the terminal's secrets (sealed under its device key) on its config
   partition; the device keys; each home's meters with their factory keys
@@ -150,10 +153,12 @@ def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name:
                                    plan)
     rows = [(meter_id(i), ids[int(p.assign[i])], (float(points[i, 0]), float(points[i, 1])),
              factory[meter_id(i)]) for i in range(meters)]
+    station = X25519PrivateKey.from_private_bytes(derive(seed, f"transport {STATION}"))
+    _secret_file(directory / f"{STATION}.key", derive(seed, f"transport {STATION}").hex())
     document = prov.document_for(fleet=directory.name, board=board.name,
                                  layout=prov.flash_layout(board.flash), issued_ms=now_ms,
                                  genesis=block0, terminals=entries, meters=rows,
-                                 network=network)
+                                 network=network, station=(STATION, public_bytes(station)))
     signed = prov.sign(document, utility)
     (directory / "provisioning.json").write_bytes(signed)
     fleet: dict = {"board": board.name, "seed": seed, "terminals": [], "processes": {},

@@ -139,7 +139,7 @@ def tls_contexts(ca_path: str | Path, cert_path: str | Path,
     return server, client
 
 
-def _peer_cn(sock: ssl.SSLSocket) -> str | None:
+def peer_cn(sock: ssl.SSLSocket) -> str | None:
     cert = sock.getpeercert()
     if not cert:
         return None
@@ -506,7 +506,7 @@ class PeerNet:
         except (ssl.SSLError, OSError) as exc:
             self._refuse(conn, "handshake", str(exc), now)
             return
-        conn.cn = _peer_cn(sock)
+        conn.cn = peer_cn(sock)
         if conn.cn is None:
             self._refuse(conn, "no_cn", "the certificate names no terminal", now)
             return

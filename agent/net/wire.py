@@ -38,6 +38,13 @@ then UTF-8)::
     11 SnapshotRequest   height:u64
     12 SnapshotChunk     height:u64 index:u32 count:u32 data:len32(0..1 MiB)
     13 Ping / 14 Pong    nonce:u64
+    15 StationQuery      request_id:u64 mid                 (station -> terminal)
+    16 StationRevoke     request_id:u64 mid                 (station -> terminal)
+    17 StationReply      request_id:u64 ok:u8(0,1) nak:u8 ledger_reason:u16
+                         height:u64 detail:s8(0..200 bytes) (terminal -> station)
+
+The master station speaks 15-17 (a StationQuery is answered with a
+QueryAnswer carrying its request id); a terminal speaks them only to it.
 
 Reason codes (4, 6) are carried as any u16, so a newer peer's code passes
 through; the receiver maps the ones it knows with ``agent.ledger.rules.Reason``.
@@ -105,6 +112,9 @@ class MsgType(enum.IntEnum):
     SNAPSHOT_CHUNK = 12
     PING = 13
     PONG = 14
+    STATION_QUERY = 15
+    STATION_REVOKE = 16
+    STATION_REPLY = 17
 
     @property
     def label(self) -> str:
@@ -610,15 +620,106 @@ class Pong:
         return cls(r.u64("nonce"))
 
 
+@dataclass(frozen=True, slots=True)
+class StationQuery:
+    """The master station asks this terminal for ``meter_id``'s key, wrapped to the station;
+    answered with a QueryAnswer of ``request_id`` (from the holder, forwarded if need be)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATION_QUERY
+    request_id: int
+    meter_id: bytes
+
+    def __post_init__(self) -> None:
+        _need_int(self, "request_id", 0, U64_MAX)
+        _need_mid(self, "meter_id")
+
+    def _write(self, w: Writer) -> None:
+        w.u64(self.request_id)
+        w.meter_id(self.meter_id)
+
+    @classmethod
+    def _read(cls, r: Reader) -> StationQuery:
+        return cls(r.u64("request_id"), r.meter_id("meter_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class StationRevoke:
+    """The master station orders ``meter_id``'s key revoked, through its home terminal."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATION_REVOKE
+    request_id: int
+    meter_id: bytes
+
+    def __post_init__(self) -> None:
+        _need_int(self, "request_id", 0, U64_MAX)
+        _need_mid(self, "meter_id")
+
+    def _write(self, w: Writer) -> None:
+        w.u64(self.request_id)
+        w.meter_id(self.meter_id)
+
+    @classmethod
+    def _read(cls, r: Reader) -> StationRevoke:
+        return cls(r.u64("request_id"), r.meter_id("meter_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class StationReply:
+    """The terminal's answer to a station order: committed at ``height``, or refused with
+    the node core's ``nak`` (agent.node.actions.Nak) and the ledger's reason (0: none)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATION_REPLY
+    request_id: int
+    ok: bool
+    nak: int
+    ledger_reason: int
+    height: int
+    detail: str
+
+    def __post_init__(self) -> None:
+        _need_int(self, "request_id", 0, U64_MAX)
+        if not isinstance(self.ok, bool):
+            raise _fail(self, "ok", "not a bool")
+        _need_int(self, "nak", 0, U8_MAX)
+        _need_int(self, "ledger_reason", 0, U16_MAX)
+        _need_int(self, "height", 0, U64_MAX)
+        _need_text(self, "detail", 0, MAX_DETAIL_BYTES)
+
+    def _write(self, w: Writer) -> None:
+        w.u64(self.request_id)
+        w.u8(int(self.ok))
+        w.u8(self.nak)
+        w.u16(self.ledger_reason)
+        w.u64(self.height)
+        _write_s8(w, self.detail)
+
+    @classmethod
+    def _read(cls, r: Reader) -> StationReply:
+        request_id = r.u64("request_id")
+        at = r.offset
+        ok = r.u8("ok")
+        if ok > 1:
+            raise r.fail("ok", f"{ok} is not 0 or 1", at)
+        return cls(request_id, bool(ok), r.u8("nak"), r.u16("ledger_reason"), r.u64("height"),
+                   _read_s8(r, "detail", 0, MAX_DETAIL_BYTES))
+
+
 Message = (Hello | EndorseRequest | EndorsementMsg | EndorsementRefusedMsg | ForwardTxs
            | ForwardRefused | KeyHandover | KeyAck | QueryForward | QueryAnswer
-           | SnapshotRequest | SnapshotChunk | Ping | Pong)
+           | SnapshotRequest | SnapshotChunk | Ping | Pong | StationQuery | StationRevoke
+           | StationReply)
 
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, EndorseRequest, EndorsementMsg, EndorsementRefusedMsg,
                               ForwardTxs, ForwardRefused, KeyHandover, KeyAck, QueryForward,
-                              QueryAnswer, SnapshotRequest, SnapshotChunk, Ping, Pong)
+                              QueryAnswer, SnapshotRequest, SnapshotChunk, Ping, Pong,
+                              StationQuery, StationRevoke, StationReply)
 }
+
+# What the master station may send a terminal, and what a terminal may send the station
+# besides the control messages (agent/network.py refuses anything else across the line).
+FROM_STATION = (StationQuery, StationRevoke)
+TO_STATION = (QueryAnswer, StationReply)
 
 
 # -------------------------------------------------------------------- payloads

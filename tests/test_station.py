@@ -1,0 +1,131 @@
+"""The master station against a running fleet: keys through any terminal, revokes at the home.
+
+Three terminals on etcd, nine meters registered (no rotation, so the keys
+stay as the meters acknowledged them). Asked, with ``edgekey station``:
+
+- each meter's key through its home, and through a terminal that is not its
+  home (forwarded to the holder): both arrive wrapped to the station, open
+  with the station's key, and are the key the meter was acknowledged for;
+- an unknown meter: UNKNOWN_METER, exit status 1;
+- a revoke asked of a terminal that is not the home: it names the home, the
+  station asks the home, the revoke commits; the key is then REVOKED; the
+  same revoke again is answered with the same height (no second block).
+
+Injected: a connection claiming to be the station with a terminal's
+certificate (refused: the certificate is not the station's); a message only
+terminals may send, sent by the station (refused and counted); a station
+query from a terminal (refused and counted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from fleetprobe import acked, console_json, consoles, down, edgekey, wait
+
+from agent.keystore.material import fingerprint
+from agent.net.peers import tls_contexts
+from agent.net.wire import FrameDecoder, FrameEncoder, Hello, KeyAck, QueryAnswer, StationQuery
+from tools.console_client import ConsoleClient
+from tools.station import Fleet, StationLink
+
+pytestmark = pytest.mark.host_only
+
+METERS = 9
+
+
+def _station(d: Path, *args: str):
+    r = edgekey("station", "--dir", str(d), "--json", *args)
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return r, lines
+
+
+def test_the_station_gets_keys_through_any_terminal_and_revokes_at_the_home(tmp_path: Path):
+    d = tmp_path / "st"
+    fleet: dict = {}
+    try:
+        r = edgekey("fleet", "up", "--terminals", "3", "--meters", str(METERS), "--dir", str(d),
+                    "--reading-every", "0", "--rotate-every", "0", "--start-spread", "1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        fleet = json.loads((d / "fleet.json").read_text())
+        wait(lambda: len(acked(d)) == METERS, 60, "every meter registered")
+        done = acked(d)
+        with ConsoleClient(consoles(fleet)["ecd-00"]) as c:
+            homes = {m: console_json(c, f"keys get {m}")["home"] for m in done}
+        ids = sorted(consoles(fleet))
+
+        for m, (version, key) in sorted(done.items()):
+            home = homes[m]
+            other = next(t for t in ids if t != home)
+            for via in (home, other):
+                r, (got,) = _station(d, "key", m, "--via", via, "--show-key")
+                assert r.returncode == 0, (r.stdout, r.stderr)
+                assert got["status"] == "OK" and got["key_version"] == version, got
+                assert got["key"] == key and got["via"] == via
+                assert got["fingerprint"] == fingerprint(bytes.fromhex(key)).hex()
+
+        r, (unknown,) = _station(d, "key", "0000deadbeef")
+        assert r.returncode == 1 and unknown["status"] == "UNKNOWN_METER", unknown
+
+        victim = sorted(done)[0]
+        not_home = next(t for t in ids if t != homes[victim])
+        r, (revoked,) = _station(d, "revoke", victim, "--via", not_home)
+        assert r.returncode == 0 and revoked["ok"] and revoked["via"] == homes[victim], revoked
+        assert revoked["height"] > 0
+        r, (after,) = _station(d, "key", victim, "--via", not_home)
+        assert r.returncode == 1 and after["status"] == "REVOKED", after
+        r, (again,) = _station(d, "revoke", victim, "--via", homes[victim])
+        assert r.returncode == 0 and again["height"] == revoked["height"], again  # idempotent
+
+        # Injected: a terminal's certificate claiming the station's name.
+        station_fleet = Fleet.load(d)
+        tls = d / "tls"
+        _, ctx = tls_contexts(tls / "ca.crt", tls / "ecd-01.crt", tls / "ecd-01.key")
+        host, port = station_fleet.address("ecd-00")
+        with socket.create_connection((host, port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as s:
+            s.sendall(FrameEncoder().encode(Hello("station", os.urandom(8), d.name)))
+            s.settimeout(5)
+            with contextlib.suppress(ConnectionError):
+                assert s.recv(4096) == b""  # closed without a Hello back
+        # Injected: the station sends what only terminals may send; a query still works.
+        with StationLink(station_fleet, "ecd-00") as link:
+            link._send(KeyAck(bytes.fromhex(victim), 1))
+            assert link.query(bytes.fromhex(sorted(done)[1])).status == 0
+        # Injected: a terminal speaks for the station (its own connection to ecd-00).
+        back = _terminal_asks_for_the_station(station_fleet, tls)
+        assert any(isinstance(m, Hello) for m in back), back
+        assert not any(isinstance(m, QueryAnswer) for m in back), back
+        with ConsoleClient(consoles(fleet)["ecd-00"]) as c:
+            net = console_json(c, "net")
+        assert net["transport"].get("refused.cn_mismatch", 0) >= 1, net["transport"]
+        assert net["network"].get("refused.station.KeyAck", 0) == 1, net["network"]
+        with ConsoleClient(consoles(fleet)["ecd-02"]) as c:
+            net = console_json(c, "net")
+        assert net["network"].get("refused.peer.StationQuery", 0) == 1, net["network"]
+    finally:
+        fleet = down(d, fleet)
+
+
+def _terminal_asks_for_the_station(fleet: Fleet, tls: Path) -> list[object]:
+    """ecd-00, with its own certificate and name, sends ecd-02 a StationQuery; what ecd-02
+    sends back in 3 s, decoded. (ecd-00's dial replaces its running link to ecd-02: the
+    lower id's dial wins.)"""
+    _, ctx = tls_contexts(tls / "ca.crt", tls / "ecd-00.crt", tls / "ecd-00.key")
+    host, port = fleet.address("ecd-02")
+    enc, dec = FrameEncoder(), FrameDecoder()
+    got: list[object] = []
+    with socket.create_connection((host, port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as s:
+        s.sendall(enc.encode(Hello("ecd-00", os.urandom(8), fleet.provisioning.fleet)))
+        s.sendall(enc.encode(StationQuery(1, b"\x01\x02")))
+        s.settimeout(3)
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while chunk := s.recv(65536):
+                got.extend(dec.feed(chunk))
+    return got

@@ -1,0 +1,290 @@
+"""``edgekey station``: the master station (the paper's cloud tier) asking the fleet.
+
+The station is a client of the terminals, never a member: it holds the
+fleet CA's ``station`` certificate (``DIR/tls/station.crt``) and an X25519
+transport key (``DIR/station.key``) whose public half the utility's
+provisioning names, so a terminal lets it connect (TLS with client
+certificates, the fleet CA only, the same framing as between terminals:
+agent/net/wire.py) and a holder may wrap a key to it. It may only ask:
+
+- ``key METER [--via ID]``: the meter's key through any terminal. The
+  terminal answers from its own store when it is the meter's home, or
+  forwards the query to the holder (agent/remotequery.py); either way the
+  key arrives wrapped to the station, which opens it here. Printed: status,
+  key version, height, the key's fingerprint (the key itself with
+  ``--show-key``).
+- ``revoke METER [--via ID]``: an operator's revoke, proposed by the meter's
+  home and committed through the majority like any operation. A terminal
+  that is not the home says which is; the station asks that one.
+
+Exit status per answer: 0 when every answer is OK (the key opened, the
+revoke committed), 1 when a terminal refused (the reason printed), 2 when no
+terminal could be reached. ``--json`` prints one JSON object per answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import ssl
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import provisioning as prov
+from agent.keystore.material import fingerprint
+from agent.keystore.transport import TransportError, open_envelope
+from agent.ledger.rules import Reason
+from agent.net.peers import peer_cn, tls_contexts
+from agent.net.wire import (
+    FrameDecoder,
+    FrameEncoder,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    QueryAnswer,
+    StationQuery,
+    StationReply,
+    StationRevoke,
+    WireError,
+)
+from agent.node.actions import Nak
+from agent.remotequery import QueryStatus
+from tools.provision_cmd import STATION
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class StationError(Exception):
+    """No answer: the terminal is unreachable, refused the station, or broke the protocol."""
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """What the station knows of a fleet: the provisioning in force and its own keys."""
+
+    directory: Path
+    provisioning: prov.Provisioning
+
+    @classmethod
+    def load(cls, directory: Path) -> Fleet:
+        trusted = bytes.fromhex((directory / "utility.pub").read_text().strip())
+        p = prov.verify((directory / "provisioning.json").read_bytes(), trusted)
+        if p.network is None or p.station_id is None:
+            raise StationError(f"the fleet in {directory} has no network or no master station")
+        return cls(directory, p)
+
+    def address(self, terminal: str) -> tuple[str, int]:
+        assert self.provisioning.network is not None
+        try:
+            return self.provisioning.network.peers[terminal]
+        except KeyError:
+            raise StationError(f"no terminal {terminal!r} in the provisioning") from None
+
+    def terminals(self) -> list[str]:
+        retired = self.provisioning.retired
+        return [t.terminal_id for t in self.provisioning.terminals if t.terminal_id not in retired]
+
+    def transport_key(self) -> Any:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        raw = bytes.fromhex((self.directory / f"{STATION}.key").read_text().strip())
+        return X25519PrivateKey.from_private_bytes(raw)
+
+
+class StationLink:
+    """One TLS connection from the station to one terminal; blocking, one request at a time."""
+
+    def __init__(self, fleet: Fleet, terminal: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        tls = fleet.directory / "tls"
+        _, ctx = tls_contexts(tls / "ca.crt", tls / f"{STATION}.crt", tls / f"{STATION}.key")
+        host, port = fleet.address(terminal)
+        self.terminal = terminal
+        self.timeout_s = timeout_s
+        try:
+            raw = socket.create_connection((host, port), timeout=timeout_s)
+            self.sock = ctx.wrap_socket(raw, server_hostname=host)
+        except (OSError, ssl.SSLError) as exc:
+            raise StationError(f"{terminal} at {host}:{port}: {exc}") from None
+        if peer_cn(self.sock) != terminal:
+            self.close()
+            raise StationError(f"{host}:{port} is {peer_cn(self.sock)!r}, not {terminal!r}")
+        self.encoder, self.decoder = FrameEncoder(), FrameDecoder()
+        self._ready: list[Message] = []
+        self._send(Hello(STATION, os.urandom(8), fleet.provisioning.fleet))
+        hello = self._next(lambda m: isinstance(m, Hello))
+        assert isinstance(hello, Hello)
+        if hello.terminal_id != terminal:
+            raise StationError(f"{terminal}'s Hello names {hello.terminal_id!r}")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> StationLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, message: Message) -> None:
+        try:
+            self.sock.sendall(self.encoder.encode(message))
+        except OSError as exc:
+            raise StationError(f"{self.terminal}: {exc}") from None
+
+    def _next(self, wanted: Any) -> Message:
+        """The next message ``wanted(message)`` accepts; pings answered meanwhile."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            while self._ready:
+                m = self._ready.pop(0)
+                if isinstance(m, Ping):
+                    self._send(Pong(m.nonce))
+                elif wanted(m):
+                    return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StationError(f"{self.terminal}: no answer within {self.timeout_s:.0f} s")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise StationError(f"{self.terminal}: {exc}") from None
+            if not data:
+                raise StationError(f"{self.terminal} closed the connection (the station is "
+                                   "not in its provisioning, or it refused the certificate)")
+            try:
+                self._ready.extend(self.decoder.feed(data))
+            except WireError as exc:
+                raise StationError(f"{self.terminal}: {exc}") from None
+
+    def query(self, meter_id: bytes) -> QueryAnswer:
+        rid = int.from_bytes(os.urandom(8), "big") >> 1
+        self._send(StationQuery(rid, meter_id))
+        answer = self._next(lambda m: isinstance(m, QueryAnswer) and m.query_id == rid)
+        assert isinstance(answer, QueryAnswer)
+        return answer
+
+    def revoke(self, meter_id: bytes) -> StationReply:
+        rid = int.from_bytes(os.urandom(8), "big") >> 1
+        self._send(StationRevoke(rid, meter_id))
+        reply = self._next(lambda m: isinstance(m, StationReply) and m.request_id == rid)
+        assert isinstance(reply, StationReply)
+        return reply
+
+
+def _status_name(status: int) -> str:
+    try:
+        return QueryStatus(status).name
+    except ValueError:
+        return f"STATUS_{status}"
+
+
+def fetch_key(fleet: Fleet, meter_id: bytes, via: str,
+              timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """``meter_id``'s key through terminal ``via``, opened with the station's transport key."""
+    with StationLink(fleet, via, timeout_s) as link:
+        a = link.query(meter_id)
+    out: dict[str, Any] = {"meter": meter_id.hex(), "via": via, "status": _status_name(a.status),
+                           "key_version": a.key_version, "height": a.height}
+    if a.detail:
+        out["detail"] = a.detail
+    if a.status == QueryStatus.OK:
+        try:
+            key = open_envelope(fleet.transport_key(), a.envelope, meter_id=meter_id,
+                                key_version=a.key_version, requester_id=STATION.encode())
+        except TransportError as exc:
+            out.update(status="BAD_ENVELOPE", detail=str(exc))
+            return out
+        out["fingerprint"] = fingerprint(key).hex()
+        out["key"] = key.hex()
+    return out
+
+
+def revoke(fleet: Fleet, meter_id: bytes, via: str,
+           timeout_s: float = 30.0) -> dict[str, Any]:
+    """Revoke ``meter_id``'s key through ``via``, or through its home when ``via`` says which."""
+    tried: list[str] = []
+    while True:
+        tried.append(via)
+        with StationLink(fleet, via, timeout_s) as link:
+            r = link.revoke(meter_id)
+        out: dict[str, Any] = {"meter": meter_id.hex(), "via": via, "ok": r.ok,
+                               "height": r.height}
+        if r.ok:
+            return out
+        out["reason"] = Nak(r.nak).name if r.nak in Nak._value2member_map_ else str(r.nak)
+        if r.ledger_reason:
+            out["ledger_reason"] = (Reason(r.ledger_reason).name
+                                    if r.ledger_reason in Reason._value2member_map_
+                                    else str(r.ledger_reason))
+        out["detail"] = r.detail
+        home = r.detail.rpartition("(home ")[2].rstrip(")") if "(home " in r.detail else None
+        if out["reason"] != "NOT_HOME" or home is None or home in tried:
+            return out
+        via = home
+
+
+# ================================================================== command line
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    st = sub.add_parser("station", help="the master station: keys through any terminal, "
+                                        "revokes through the home")
+    st.add_argument("--dir", type=Path, default=Path("out/fleet"))
+    st.add_argument("--json", action="store_true", help="one JSON object per answer")
+    st.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    cmds = st.add_subparsers(dest="station_cmd", metavar="SUBCOMMAND", required=True)
+    key = cmds.add_parser("key", help="a meter's key, wrapped to the station and opened here")
+    key.add_argument("meters", nargs="+", metavar="METER", help="meter address (hex)")
+    key.add_argument("--via", default=None, help="the terminal to ask (default: the first)")
+    key.add_argument("--show-key", action="store_true", help="print the key itself too")
+    rv = cmds.add_parser("revoke", help="revoke a meter's key through its home terminal")
+    rv.add_argument("meters", nargs="+", metavar="METER")
+    rv.add_argument("--via", default=None)
+    for p in (st, key, rv):
+        p.set_defaults(handler=run)
+
+
+def _meter(text: str) -> bytes:
+    try:
+        meter = bytes.fromhex(text)
+    except ValueError:
+        raise StationError(f"{text!r} is not a meter address in hex") from None
+    if not 1 <= len(meter) <= 16:
+        raise StationError(f"{text!r}: a meter address is 1 to 16 bytes")
+    return meter
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        fleet = Fleet.load(args.dir)
+        via = args.via or fleet.terminals()[0]
+        worst = 0
+        for text in args.meters:
+            meter = _meter(text)
+            if args.station_cmd == "key":
+                out = fetch_key(fleet, meter, via, args.timeout)
+                ok = out["status"] == "OK"
+                if not args.show_key:
+                    out.pop("key", None)
+            else:
+                out = revoke(fleet, meter, via, max(args.timeout, 30.0))
+                ok = out["ok"]
+            worst = max(worst, 0 if ok else 1)
+            if args.json:
+                print(json.dumps(out, sort_keys=True))
+            else:
+                print("  ".join(f"{k} {v}" for k, v in out.items()))
+        return worst
+    except (StationError, OSError, prov.ProvisioningError) as exc:
+        print(f"edgekey station: {exc}", file=sys.stderr)
+        return 2
