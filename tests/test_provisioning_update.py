@@ -167,13 +167,30 @@ def _other_genesis() -> dict:
     (lambda: _amended(terminals=BASE["terminals"][:2]), "drops or re-keys terminal 'ecd-02'"),
     (_meter_moved, "drops or changes meter"),
     (lambda: _amended(meters=BASE["meters"][1:]), "drops or changes meter"),
+    (lambda: _amended(station={"id": "ecd-01", "transport": "11" * 32}),
+     "station's id is a terminal's"),
 ], ids=["replay", "older", "fleet", "board", "genesis", "ca", "rekey", "drop-terminal",
-        "meter-home", "drop-meter"])
+        "meter-home", "drop-meter", "station-named-as-a-terminal"])
 def test_an_update_that_is_not_an_amendment_is_refused(make, match):
     """Each is signed by the utility: the signature alone would let an old or rewritten
     file back in."""
     with pytest.raises(prov.ProvisioningError, match=match):
         prov.check_update(CURRENT, _verified(make()))
+
+
+def test_the_master_station_may_be_named_once_and_is_then_kept():
+    """Keys may be wrapped to the station the provisioning names: an update that swaps its
+    transport key would send every key the station asks for to someone else."""
+    with_station = _verified(_amended(station={"id": "station", "transport": "22" * 32}))
+    prov.check_update(CURRENT, with_station)
+    assert with_station.station_id == "station"
+    assert with_station.allow_list().public_key(b"station")
+    swapped = _amended(station={"id": "station", "transport": "33" * 32})
+    swapped["issued_ms"] += 1
+    with pytest.raises(prov.ProvisioningError, match="changes the master station"):
+        prov.check_update(with_station, _verified(swapped))
+    with pytest.raises(prov.ProvisioningError, match="malformed"):
+        _verified(_amended(station={"id": "bad id!", "transport": "22" * 32}))
 
 
 def test_reinstall_replaces_the_file_and_a_cut_at_any_byte_leaves_one_of_the_two():
