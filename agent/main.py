@@ -40,6 +40,7 @@ from agent.keystore.store import KeyStoreError
 from agent.keystore.transport import open_envelope
 from agent.ledger.block import Block, header_hash
 from agent.ledger.chain import ChainCorruptError, LedgerError
+from agent.ledger.proof import encode_record_proof
 from agent.ledger.query import query
 from agent.ledger.repair import Repair, RepairRefused
 from agent.logs import EventLog, ToEventLog
@@ -47,7 +48,13 @@ from agent.meterlink import MeterLink
 from agent.net.ordering import EtcdOrdering
 from agent.net.peers import PeerNet, tls_contexts
 from agent.net.pki import common_name, sha256_pem
-from agent.net.wire import QueryAnswer, QueryForward, StationQuery, StationReply, StationRevoke
+from agent.net.wire import (
+    QueryForward,
+    StationAnswer,
+    StationQuery,
+    StationReply,
+    StationRevoke,
+)
 from agent.network import FleetNetwork
 from agent.node import events as ev
 from agent.node.actions import (
@@ -450,8 +457,9 @@ class Agent:
         if isinstance(m, StationQuery):
             def answered(r: QueryResult) -> None:
                 detail = r.detail.encode()[:200].decode(errors="ignore")
-                network.send(station, QueryAnswer(rid, int(r.status), r.key_version, r.height,
-                                                  r.envelope, detail))
+                network.send(station, StationAnswer(rid, int(r.status), r.key_version,
+                                                    r.height, r.envelope,
+                                                    self._record_proof(m.meter_id), detail))
 
             for to, out in self.queries.ask(m.meter_id, station, _clock(), answered):
                 network.send(to, out)
@@ -468,6 +476,19 @@ class Agent:
             network.send(station, reply)
 
         self.operator_request(lambda request_id: ev.OperatorRevoke(m.meter_id, request_id), done)
+
+    def _record_proof(self, meter_id: bytes) -> bytes:
+        """The record proof of the meter's newest record on this chain (what the station
+        checks the key against), or b"" when it holds no such record or no longer the block
+        (released behind a snapshot, which vouches for it instead)."""
+        try:
+            proof = self.chain.record_proof(meter_id)
+        except (LedgerError, LogError, LookupError) as exc:
+            self.counts["station.proof_unavailable"] += 1
+            self.log.event("station.proof_unavailable", "info", meter=meter_id.hex(),
+                           error=str(exc))
+            return b""
+        return b"" if proof is None else encode_record_proof(proof)
 
     # ============================================================= links
 

@@ -42,6 +42,7 @@ from agent.net.wire import (
     QueryForward,
     SnapshotChunk,
     SnapshotRequest,
+    StationAnswer,
     StationQuery,
     StationReply,
     StationRevoke,
@@ -140,6 +141,8 @@ STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
     StationRevoke: st.builds(StationRevoke, u64, mids),
     StationReply: st.builds(StationReply, u64, st.booleans(), u8, u16, u64,
                             st.text(max_size=50)),
+    StationAnswer: st.builds(StationAnswer, u64, u8, u32, u64, st.binary(max_size=300),
+                             st.binary(max_size=600), st.text(max_size=50)),
 }
 messages = st.one_of(*STRATEGIES.values())
 
@@ -166,6 +169,7 @@ def samples() -> list[Message]:
         StationQuery(5, b"\x01\x02\x03"),
         StationRevoke(2**64 - 1, b"\x04" * 16),
         StationReply(5, False, 11, int(Reason.RETIRED_PROPOSER), 0, "not the home"),
+        StationAnswer(5, 0, 3, 12, b"sealed to the station", b"proof" * 30, ""),
     ]
 
 
@@ -187,7 +191,7 @@ def refused(data: bytes, decoder: FrameDecoder | None = None) -> WireError:
 def test_every_message_type_is_covered_here() -> None:
     assert set(STRATEGIES) == set(MESSAGE_CLASSES.values())
     assert {type(m) for m in samples()} == set(MESSAGE_CLASSES.values())
-    assert [int(t) for t in MsgType] == list(range(1, 18))  # stable codes, none reused
+    assert [int(t) for t in MsgType] == list(range(1, 19))  # stable codes, none reused
 
 
 @given(messages)
@@ -331,6 +335,7 @@ def test_the_encoder_refuses_what_the_decoder_would() -> None:
     lambda: StationReply(0, 1, 0, 0, 0, ""),  # type: ignore[arg-type]
     lambda: StationReply(0, True, 256, 0, 0, ""),
     lambda: StationReply(0, True, 0, 2**16, 0, ""),
+    lambda: StationAnswer(0, 0, 0, 0, b"", b"p" * (256 * 1024 + 1), ""),
 ])
 def test_messages_refuse_bad_fields_when_built(build: object) -> None:
     with pytest.raises(WireValueError):
@@ -352,7 +357,7 @@ def test_another_version_is_refused(version: int) -> None:
     assert refused(data[:3]).reason is WireFault.BAD_VERSION
 
 
-@pytest.mark.parametrize("msg_type", [0, 18, 200, 255])
+@pytest.mark.parametrize("msg_type", [0, 19, 200, 255])
 def test_an_unknown_type_is_refused_before_its_payload(msg_type: int) -> None:
     assert refused(frame(msg_type, b"")[:4]).reason is WireFault.UNKNOWN_TYPE
     with pytest.raises(WireError) as info:

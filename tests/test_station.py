@@ -5,13 +5,16 @@ stay as the meters acknowledged them). Asked, with ``edgekey station``:
 
 - each meter's key through its home, and through a terminal that is not its
   home (forwarded to the holder): both arrive wrapped to the station, open
-  with the station's key, and are the key the meter was acknowledged for;
+  with the station's key, are the key the meter was acknowledged for, and
+  come with a record proof that checks against the fleet's public keys;
 - an unknown meter: UNKNOWN_METER, exit status 1;
 - a revoke asked of a terminal that is not the home: it names the home, the
   station asks the home, the revoke commits; the key is then REVOKED; the
   same revoke again is answered with the same height (no second block).
 
-Injected: a connection claiming to be the station with a terminal's
+Injected: a record proof with one byte flipped, an answer naming another
+version than its proof, a key other than the one the record commits (each
+refused by the station's check); a connection claiming to be the station with a terminal's
 certificate (refused: the certificate is not the station's); a message only
 terminals may send, sent by the station (refused and counted); a station
 query from a terminal (refused and counted).
@@ -20,6 +23,7 @@ query from a terminal (refused and counted).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -32,7 +36,7 @@ from agent.keystore.material import fingerprint
 from agent.net.peers import tls_contexts
 from agent.net.wire import FrameDecoder, FrameEncoder, Hello, KeyAck, QueryAnswer, StationQuery
 from tools.console_client import ConsoleClient
-from tools.station import Fleet, StationLink
+from tools.station import Fleet, StationLink, check_answer
 
 pytestmark = pytest.mark.host_only
 
@@ -66,7 +70,7 @@ def test_the_station_gets_keys_through_any_terminal_and_revokes_at_the_home(tmp_
                 r, (got,) = _station(d, "key", m, "--via", via, "--show-key")
                 assert r.returncode == 0, (r.stdout, r.stderr)
                 assert got["status"] == "OK" and got["key_version"] == version, got
-                assert got["key"] == key and got["via"] == via
+                assert got["key"] == key and got["via"] == via and got["proof"] == "checked"
                 assert got["fingerprint"] == fingerprint(bytes.fromhex(key)).hex()
 
         r, (unknown,) = _station(d, "key", "0000deadbeef")
@@ -79,6 +83,7 @@ def test_the_station_gets_keys_through_any_terminal_and_revokes_at_the_home(tmp_
         assert revoked["height"] > 0
         r, (after,) = _station(d, "key", victim, "--via", not_home)
         assert r.returncode == 1 and after["status"] == "REVOKED", after
+        assert after["proof"] == "checked" and after["height"] == revoked["height"], after
         r, (again,) = _station(d, "revoke", victim, "--via", homes[victim])
         assert r.returncode == 0 and again["height"] == revoked["height"], again  # idempotent
 
@@ -96,7 +101,21 @@ def test_the_station_gets_keys_through_any_terminal_and_revokes_at_the_home(tmp_
         # Injected: the station sends what only terminals may send; a query still works.
         with StationLink(station_fleet, "ecd-00") as link:
             link._send(KeyAck(bytes.fromhex(victim), 1))
-            assert link.query(bytes.fromhex(sorted(done)[1])).status == 0
+            answer = link.query(bytes.fromhex(sorted(done)[1]))
+            assert answer.status == 0
+        # Injected: the answer's proof tampered with (one endorsement's byte), or naming
+        # another version, or another key; the station's check refuses each.
+        second = bytes.fromhex(sorted(done)[1])
+        key = bytes.fromhex(done[sorted(done)[1]][1])
+        assert check_answer(station_fleet, second, answer, key) is None
+        bad = bytearray(answer.proof)
+        bad[-40] ^= 0x01
+        assert check_answer(station_fleet, second, dataclasses.replace(answer, proof=bytes(bad)),
+                            key)
+        other = dataclasses.replace(answer, key_version=answer.key_version + 1)
+        assert "not the answer's" in (check_answer(station_fleet, second, other, key) or "")
+        assert check_answer(station_fleet, second, answer, b"\x00" * 32) == \
+            "the key is not the one the record commits"
         # Injected: a terminal speaks for the station (its own connection to ecd-00).
         back = _terminal_asks_for_the_station(station_fleet, tls)
         assert any(isinstance(m, Hello) for m in back), back

@@ -10,9 +10,14 @@ agent/net/wire.py) and a holder may wrap a key to it. It may only ask:
 - ``key METER [--via ID]``: the meter's key through any terminal. The
   terminal answers from its own store when it is the meter's home, or
   forwards the query to the holder (agent/remotequery.py); either way the
-  key arrives wrapped to the station, which opens it here. Printed: status,
-  key version, height, the key's fingerprint (the key itself with
-  ``--show-key``).
+  key arrives wrapped to the station, which opens it here, with the record
+  proof of the meter's newest record (agent/ledger/proof.py), which the
+  station checks against the fleet's public keys: the record's signature,
+  its place in the block, a majority of the provisioned terminals endorsing
+  the block, and that it commits this very key (its fingerprint), version
+  and height. A key the proof does not vouch for is BAD_PROOF. Printed:
+  status, key version, height, proof, the key's fingerprint (the key itself
+  with ``--show-key``).
 - ``revoke METER [--via ID]``: an operator's revoke, proposed by the meter's
   home and committed through the majority like any operation. A terminal
   that is not the home says which is; the station asks that one.
@@ -39,6 +44,8 @@ from typing import Any
 from agent import provisioning as prov
 from agent.keystore.material import fingerprint
 from agent.keystore.transport import TransportError, open_envelope
+from agent.ledger.codec import DecodeError
+from agent.ledger.proof import check_record_proof, decode_record_proof
 from agent.ledger.rules import Reason
 from agent.net.peers import peer_cn, tls_contexts
 from agent.net.wire import (
@@ -48,7 +55,7 @@ from agent.net.wire import (
     Message,
     Ping,
     Pong,
-    QueryAnswer,
+    StationAnswer,
     StationQuery,
     StationReply,
     StationRevoke,
@@ -167,11 +174,11 @@ class StationLink:
             except WireError as exc:
                 raise StationError(f"{self.terminal}: {exc}") from None
 
-    def query(self, meter_id: bytes) -> QueryAnswer:
+    def query(self, meter_id: bytes) -> StationAnswer:
         rid = int.from_bytes(os.urandom(8), "big") >> 1
         self._send(StationQuery(rid, meter_id))
-        answer = self._next(lambda m: isinstance(m, QueryAnswer) and m.query_id == rid)
-        assert isinstance(answer, QueryAnswer)
+        answer = self._next(lambda m: isinstance(m, StationAnswer) and m.request_id == rid)
+        assert isinstance(answer, StationAnswer)
         return answer
 
     def revoke(self, meter_id: bytes) -> StationReply:
@@ -189,15 +196,47 @@ def _status_name(status: int) -> str:
         return f"STATUS_{status}"
 
 
+def check_answer(fleet: Fleet, meter_id: bytes, a: StationAnswer,
+                 key: bytes | None) -> str | None:
+    """Why the answer's record proof does not vouch for it (None: it does).
+
+    The proof must hold against the terminals the provisioning lists and has not
+    withdrawn (their Ed25519 keys; a majority of them endorsed the block), and be
+    the record the answer names: this meter, this key version, this height, and
+    (when a key came) the fingerprint of that very key."""
+    if not a.proof:
+        return "no record proof (the chain there no longer holds the block)"
+    try:
+        proof = decode_record_proof(a.proof)
+    except (DecodeError, ValueError) as exc:
+        return f"record proof undecodable: {exc}"
+    p = fleet.provisioning
+    keys = {t.terminal_id: t.identity_public for t in p.terminals
+            if t.terminal_id not in p.retired}
+    why = check_record_proof(proof, keys)
+    if why is not None:
+        return f"record proof: {why}"
+    tx = proof.tx
+    if tx.meter_id != meter_id or tx.key_version != a.key_version or \
+            proof.header.height != a.height:
+        return (f"record proof is of meter {tx.meter_id.hex()} v{tx.key_version} at "
+                f"{proof.header.height}, not the answer's")
+    if key is not None and tx.fingerprint != fingerprint(key):
+        return "the key is not the one the record commits"
+    return None
+
+
 def fetch_key(fleet: Fleet, meter_id: bytes, via: str,
               timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-    """``meter_id``'s key through terminal ``via``, opened with the station's transport key."""
+    """``meter_id``'s key through terminal ``via``, opened with the station's transport key
+    and checked against the record proof."""
     with StationLink(fleet, via, timeout_s) as link:
         a = link.query(meter_id)
     out: dict[str, Any] = {"meter": meter_id.hex(), "via": via, "status": _status_name(a.status),
                            "key_version": a.key_version, "height": a.height}
     if a.detail:
         out["detail"] = a.detail
+    key = None
     if a.status == QueryStatus.OK:
         try:
             key = open_envelope(fleet.transport_key(), a.envelope, meter_id=meter_id,
@@ -205,6 +244,12 @@ def fetch_key(fleet: Fleet, meter_id: bytes, via: str,
         except TransportError as exc:
             out.update(status="BAD_ENVELOPE", detail=str(exc))
             return out
+    if a.status in (QueryStatus.OK, QueryStatus.REVOKED):
+        why = check_answer(fleet, meter_id, a, key)
+        out["proof"] = "checked" if why is None else why
+        if why is not None and key is not None:
+            out["status"] = "BAD_PROOF"
+    if key is not None:
         out["fingerprint"] = fingerprint(key).hex()
         out["key"] = key.hex()
     return out

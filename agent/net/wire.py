@@ -42,9 +42,14 @@ then UTF-8)::
     16 StationRevoke     request_id:u64 mid                 (station -> terminal)
     17 StationReply      request_id:u64 ok:u8(0,1) nak:u8 ledger_reason:u16
                          height:u64 detail:s8(0..200 bytes) (terminal -> station)
+    18 StationAnswer     request_id:u64 status:u8 key_version:u32 height:u64
+                         envelope:b16(0..4096) proof:len32(0..256 KiB)
+                         detail:s8(0..200 bytes)            (terminal -> station)
 
-The master station speaks 15-17 (a StationQuery is answered with a
-QueryAnswer carrying its request id); a terminal speaks them only to it.
+The master station speaks 15-18 with a terminal (a StationQuery is answered
+with a StationAnswer: the key sealed to the station and the record proof of
+the meter's newest record, agent/ledger/proof.py); a terminal speaks them
+only to it.
 
 Reason codes (4, 6) are carried as any u16, so a newer peer's code passes
 through; the receiver maps the ones it knows with ``agent.ledger.rules.Reason``.
@@ -85,6 +90,7 @@ MAX_ENVELOPE = 4096
 MAX_DETAIL_BYTES = 200
 MAX_FLEET_BYTES = 64
 MAX_PATH_HOPS = 16
+MAX_PROOF = 256 * 1024  # a record proof: tx, header, up to 1024 endorsements, audit path
 MAX_FORWARD_TXS = MAX_TXS_PER_BLOCK
 MAX_CHUNK_DATA = 1024 * 1024
 BOOT_NONCE_LEN = 8
@@ -115,6 +121,7 @@ class MsgType(enum.IntEnum):
     STATION_QUERY = 15
     STATION_REVOKE = 16
     STATION_REPLY = 17
+    STATION_ANSWER = 18
 
     @property
     def label(self) -> str:
@@ -704,22 +711,69 @@ class StationReply:
                    _read_s8(r, "detail", 0, MAX_DETAIL_BYTES))
 
 
+@dataclass(frozen=True, slots=True)
+class StationAnswer:
+    """The answer to a StationQuery: a QueryAnswer's fields for the station, and the record
+    proof of the meter's newest record (empty when the chain here no longer holds it)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATION_ANSWER
+    request_id: int
+    status: int
+    key_version: int
+    height: int
+    envelope: bytes
+    proof: bytes
+    detail: str
+
+    def __post_init__(self) -> None:
+        _need_int(self, "request_id", 0, U64_MAX)
+        _need_int(self, "status", 0, U8_MAX)
+        _need_int(self, "key_version", 0, U32_MAX)
+        _need_int(self, "height", 0, U64_MAX)
+        _need_bytes(self, "envelope", 0, MAX_ENVELOPE)
+        _need_bytes(self, "proof", 0, MAX_PROOF)
+        _need_text(self, "detail", 0, MAX_DETAIL_BYTES)
+
+    def _write(self, w: Writer) -> None:
+        w.u64(self.request_id)
+        w.u8(self.status)
+        w.u32(self.key_version)
+        w.u64(self.height)
+        _write_b16(w, self.envelope)
+        w.u32(len(self.proof))
+        w.raw(self.proof)
+        _write_s8(w, self.detail)
+
+    @classmethod
+    def _read(cls, r: Reader) -> StationAnswer:
+        request_id, status = r.u64("request_id"), r.u8("status")
+        key_version, height = r.u32("key_version"), r.u64("height")
+        envelope = _read_b16(r, "envelope", 0, MAX_ENVELOPE)
+        at = r.offset
+        n = r.u32("proof.length")
+        if n > MAX_PROOF:
+            raise r.fail("proof.length", f"{n} over the cap of {MAX_PROOF}", at)
+        proof = r.fixed("proof", n)
+        return cls(request_id, status, key_version, height, envelope, proof,
+                   _read_s8(r, "detail", 0, MAX_DETAIL_BYTES))
+
+
 Message = (Hello | EndorseRequest | EndorsementMsg | EndorsementRefusedMsg | ForwardTxs
            | ForwardRefused | KeyHandover | KeyAck | QueryForward | QueryAnswer
            | SnapshotRequest | SnapshotChunk | Ping | Pong | StationQuery | StationRevoke
-           | StationReply)
+           | StationReply | StationAnswer)
 
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, EndorseRequest, EndorsementMsg, EndorsementRefusedMsg,
                               ForwardTxs, ForwardRefused, KeyHandover, KeyAck, QueryForward,
                               QueryAnswer, SnapshotRequest, SnapshotChunk, Ping, Pong,
-                              StationQuery, StationRevoke, StationReply)
+                              StationQuery, StationRevoke, StationReply, StationAnswer)
 }
 
 # What the master station may send a terminal, and what a terminal may send the station
 # besides the control messages (agent/network.py refuses anything else across the line).
 FROM_STATION = (StationQuery, StationRevoke)
-TO_STATION = (QueryAnswer, StationReply)
+TO_STATION = (StationAnswer, StationReply)
 
 
 # -------------------------------------------------------------------- payloads
