@@ -28,7 +28,7 @@ import selectors
 import signal
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,12 @@ from agent.net.ordering import EtcdOrdering
 from agent.net.peers import PeerNet, tls_contexts
 from agent.net.pki import common_name, sha256_pem
 from agent.net.wire import (
+    MAX_READINGS,
     QueryForward,
+    ReadingsAnswer,
     StationAnswer,
     StationQuery,
+    StationReadings,
     StationReply,
     StationRevoke,
 )
@@ -89,6 +92,8 @@ DEFAULT_DEVICE_KEY = "/etc/edgekey/device.key"
 DEFAULT_TLS_DIR = "/etc/edgekey/tls"  # ca.crt, <node>.crt, <node>.key
 DEFAULT_CLIENT_ADDRESS = 0x01
 REEXEC_STATUS = 75  # reboot: the loop ends and the process replaces itself
+READINGS_PER_METER = 8  # sealed readings kept for the master station, per meter
+READINGS_METERS = 4096  # ... for the meters read last (about 3 MiB at most)
 
 
 class BootError(Exception):
@@ -172,6 +177,7 @@ class Agent:
         self.network: FleetNetwork | None = None
         self.operator_ids = 1 << 62  # above any meter's request ids
         self.operator_waiting: dict[int, Any] = {}
+        self.readings: OrderedDict[bytes, deque[tuple[int, int, bytes]]] = OrderedDict()
         self._watch_fd: int | None = None
         self._boot_node()
         self.meter_links: dict[str, MeterLink] = {}
@@ -446,7 +452,7 @@ class Agent:
             self._watch_fd = fd
 
     def _station_request(self, network: FleetNetwork,
-                         m: StationQuery | StationRevoke) -> None:
+                         m: StationQuery | StationRevoke | StationReadings) -> None:
         """The master station asks through this terminal: a key (ours, or fetched from its
         holder, wrapped to the station either way), or a revoke (this terminal must be the
         meter's home); each answered once, on the station's connection."""
@@ -454,6 +460,10 @@ class Agent:
         assert station is not None
         rid = m.request_id
         self.counts[f"station.{type(m).__name__}"] += 1
+        if isinstance(m, StationReadings):
+            kept = tuple(self.readings.get(m.meter_id, ()))
+            network.send(station, ReadingsAnswer(rid, kept[-MAX_READINGS:]))
+            return
         if isinstance(m, StationQuery):
             def answered(r: QueryResult) -> None:
                 detail = r.detail.encode()[:200].decode(errors="ignore")
@@ -476,6 +486,20 @@ class Agent:
             network.send(station, reply)
 
         self.operator_request(lambda request_id: ev.OperatorRevoke(m.meter_id, request_id), done)
+
+    def _keep_reading(self, r: AcceptReading) -> None:
+        """The newest readings as the meters sealed them, for the master station (RAM only,
+        bounded: READINGS_PER_METER for each of the READINGS_METERS meters read last)."""
+        mid = bytes(r.meter_id)
+        kept = self.readings.get(mid)
+        if kept is None:
+            kept = self.readings[mid] = deque(maxlen=READINGS_PER_METER)
+            while len(self.readings) > READINGS_METERS:
+                self.readings.popitem(last=False)
+        else:
+            self.readings.move_to_end(mid)
+        if r.sealed:
+            kept.append((r.key_version, r.counter, r.sealed))
 
     def _record_proof(self, meter_id: bytes) -> bytes:
         """The record proof of the meter's newest record on this chain (what the station
@@ -739,6 +763,7 @@ class Agent:
         elif isinstance(action, AcceptReading):
             self.journal.accepted(bytes(action.meter_id), action.counter)
             self.counts["readings_accepted"] += 1
+            self._keep_reading(action)
             self.log.event("meter.reading", "debug", meter=action.meter_id,
                            counter=action.counter, bytes=len(action.plaintext))
         elif isinstance(action, SubmitBlock):

@@ -107,7 +107,7 @@ class FleetNetwork:
         self.on_provisioning = on_provisioning
         # The master station, a client of this terminal (its id), and what it asked.
         self.station = station
-        self.station_inbox: list[wire.StationQuery | wire.StationRevoke] = []
+        self.station_inbox: list[wire.StationQuery | wire.StationRevoke | wire.StationReadings] = []
         self.provisioning_feed = Assembler(ordering.prefix, provisioning_issued)
 
     # ------------------------------------------------------------- outward

@@ -7,12 +7,16 @@ stay as the meters acknowledged them). Asked, with ``edgekey station``:
   home (forwarded to the holder): both arrive wrapped to the station, open
   with the station's key, are the key the meter was acknowledged for, and
   come with a record proof that checks against the fleet's public keys;
+- the newest readings a meter's home accepted, opened at the station with
+  the key it fetched (end to end), in counter order;
 - an unknown meter: UNKNOWN_METER, exit status 1;
 - a revoke asked of a terminal that is not the home: it names the home, the
   station asks the home, the revoke commits; the key is then REVOKED; the
   same revoke again is answered with the same height (no second block).
 
-Injected: a record proof with one byte flipped, an answer naming another
+Injected: a reading altered on its way, one opened with a wrong key, one
+sealed under another key version (bad, bad, stale); a record proof with one
+byte flipped, an answer naming another
 version than its proof, a key other than the one the record commits (each
 refused by the station's check); a connection claiming to be the station with a terminal's
 certificate (refused: the certificate is not the station's); a message only
@@ -36,7 +40,7 @@ from agent.keystore.material import fingerprint
 from agent.net.peers import tls_contexts
 from agent.net.wire import FrameDecoder, FrameEncoder, Hello, KeyAck, QueryAnswer, StationQuery
 from tools.console_client import ConsoleClient
-from tools.station import Fleet, StationLink, check_answer
+from tools.station import Fleet, StationLink, check_answer, open_readings
 
 pytestmark = pytest.mark.host_only
 
@@ -54,7 +58,7 @@ def test_the_station_gets_keys_through_any_terminal_and_revokes_at_the_home(tmp_
     fleet: dict = {}
     try:
         r = edgekey("fleet", "up", "--terminals", "3", "--meters", str(METERS), "--dir", str(d),
-                    "--reading-every", "0", "--rotate-every", "0", "--start-spread", "1")
+                    "--reading-every", "1", "--rotate-every", "0", "--start-spread", "1")
         assert r.returncode == 0, r.stdout + r.stderr
         fleet = json.loads((d / "fleet.json").read_text())
         wait(lambda: len(acked(d)) == METERS, 60, "every meter registered")
@@ -72,6 +76,32 @@ def test_the_station_gets_keys_through_any_terminal_and_revokes_at_the_home(tmp_
                 assert got["status"] == "OK" and got["key_version"] == version, got
                 assert got["key"] == key and got["via"] == via and got["proof"] == "checked"
                 assert got["fingerprint"] == fingerprint(bytes.fromhex(key)).hex()
+
+        # Readings, opened end to end at the station with the key it fetched.
+        read = sorted(done)[2]
+
+        def some_readings() -> bool:
+            r, (got,) = _station(d, "readings", read, "--via", homes[read])
+            return r.returncode == 0 and len(got.get("readings", [])) >= 2
+
+        wait(some_readings, 30, "readings at the home")
+        r, (got,) = _station(d, "readings", read, "--via", homes[read])
+        assert got["proof"] == "checked" and {x["status"] for x in got["readings"]} == {"ok"}
+        counters = [x["counter"] for x in got["readings"]]
+        assert counters == sorted(counters) and len(set(counters)) == len(counters)
+        # Injected: a reading altered on its way, one opened with a wrong key, one sealed
+        # under another key version than the station holds.
+        key, version = bytes.fromhex(done[read][1]), done[read][0]
+        with StationLink(station_fleet_of(d), homes[read]) as link:
+            sealed = link.readings(bytes.fromhex(read)).readings
+        v, c, s = sealed[-1]
+        altered = (v, c, s[:-1] + bytes([s[-1] ^ 1]))
+        opened = open_readings(bytes.fromhex(read), key, version, (sealed[-1], altered))
+        assert [x["status"] for x in opened] == ["ok", "bad"]
+        assert open_readings(bytes.fromhex(read), b"\x07" * 32, version,
+                             sealed[-1:])[0]["status"] == "bad"
+        assert open_readings(bytes.fromhex(read), key, version + 1,
+                             sealed[-1:])[0]["status"] == "stale"
 
         r, (unknown,) = _station(d, "key", "0000deadbeef")
         assert r.returncode == 1 and unknown["status"] == "UNKNOWN_METER", unknown
@@ -129,6 +159,10 @@ def test_the_station_gets_keys_through_any_terminal_and_revokes_at_the_home(tmp_
         assert net["network"].get("refused.peer.StationQuery", 0) == 1, net["network"]
     finally:
         fleet = down(d, fleet)
+
+
+def station_fleet_of(d: Path) -> Fleet:
+    return Fleet.load(d)
 
 
 def _terminal_asks_for_the_station(fleet: Fleet, tls: Path) -> list[object]:

@@ -18,6 +18,12 @@ agent/net/wire.py) and a holder may wrap a key to it. It may only ask:
   and height. A key the proof does not vouch for is BAD_PROOF. Printed:
   status, key version, height, proof, the key's fingerprint (the key itself
   with ``--show-key``).
+- ``readings METER [--via HOME]``: the newest readings the meter's home
+  accepted, as the meter sealed them (AES-GCM under its key, bound to meter,
+  key version and counter: agent/node/reading.py), opened here with the key
+  fetched as above: end to end, so a reading the terminal altered, or one
+  sealed under another key, does not open (``bad``, or ``stale`` for another
+  key version), whatever the terminal says.
 - ``revoke METER [--via ID]``: an operator's revoke, proposed by the meter's
   home and committed through the majority like any operation. A terminal
   that is not the home says which is; the station asks that one.
@@ -55,13 +61,16 @@ from agent.net.wire import (
     Message,
     Ping,
     Pong,
+    ReadingsAnswer,
     StationAnswer,
     StationQuery,
+    StationReadings,
     StationReply,
     StationRevoke,
     WireError,
 )
 from agent.node.actions import Nak
+from agent.node.reading import BadReading, open_reading
 from agent.remotequery import QueryStatus
 from tools.provision_cmd import STATION
 
@@ -181,6 +190,13 @@ class StationLink:
         assert isinstance(answer, StationAnswer)
         return answer
 
+    def readings(self, meter_id: bytes) -> ReadingsAnswer:
+        rid = int.from_bytes(os.urandom(8), "big") >> 1
+        self._send(StationReadings(rid, meter_id))
+        answer = self._next(lambda m: isinstance(m, ReadingsAnswer) and m.request_id == rid)
+        assert isinstance(answer, ReadingsAnswer)
+        return answer
+
     def revoke(self, meter_id: bytes) -> StationReply:
         rid = int.from_bytes(os.urandom(8), "big") >> 1
         self._send(StationRevoke(rid, meter_id))
@@ -255,6 +271,44 @@ def fetch_key(fleet: Fleet, meter_id: bytes, via: str,
     return out
 
 
+def open_readings(meter_id: bytes, key: bytes, key_version: int,
+                  readings: tuple[tuple[int, int, bytes], ...]) -> list[dict[str, Any]]:
+    """Each sealed reading opened end to end with the station's copy of the key: ``ok``
+    (its data), ``stale`` (sealed under another key version than the station holds), or
+    ``bad`` (it does not open under that key: tampered, or the wrong key)."""
+    out = []
+    for version, counter, sealed in readings:
+        item: dict[str, Any] = {"counter": counter, "key_version": version}
+        if version != key_version:
+            item["status"] = "stale"
+            item["detail"] = f"sealed under v{version}, the station holds v{key_version}"
+        else:
+            try:
+                item["data"] = open_reading(key, sealed, meter_id=meter_id,
+                                            key_version=version, counter=counter).hex()
+                item["status"] = "ok"
+            except BadReading as exc:
+                item.update(status="bad", detail=str(exc))
+        out.append(item)
+    return out
+
+
+def fetch_readings(fleet: Fleet, meter_id: bytes, via: str,
+                   timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """The meter's key (checked, as ``fetch_key``) and the newest readings its home holds,
+    each opened with that key."""
+    out = fetch_key(fleet, meter_id, via, timeout_s)
+    if out["status"] != "OK":
+        return out
+    with StationLink(fleet, via, timeout_s) as link:
+        got = link.readings(meter_id)
+    out["readings"] = open_readings(meter_id, bytes.fromhex(out["key"]), out["key_version"],
+                                    got.readings)
+    if any(r["status"] == "bad" for r in out["readings"]):
+        out["status"] = "BAD_READING"
+    return out
+
+
 def revoke(fleet: Fleet, meter_id: bytes, via: str,
            timeout_s: float = 30.0) -> dict[str, Any]:
     """Revoke ``meter_id``'s key through ``via``, or through its home when ``via`` says which."""
@@ -292,10 +346,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     key.add_argument("meters", nargs="+", metavar="METER", help="meter address (hex)")
     key.add_argument("--via", default=None, help="the terminal to ask (default: the first)")
     key.add_argument("--show-key", action="store_true", help="print the key itself too")
+    rd = cmds.add_parser("readings", help="the newest readings the meter's home accepted, "
+                                          "opened here with the meter's key (end to end)")
+    rd.add_argument("meters", nargs="+", metavar="METER")
+    rd.add_argument("--via", default=None, help="the meter's home (readings are kept there)")
     rv = cmds.add_parser("revoke", help="revoke a meter's key through its home terminal")
     rv.add_argument("meters", nargs="+", metavar="METER")
     rv.add_argument("--via", default=None)
-    for p in (st, key, rv):
+    for p in (st, key, rd, rv):
         p.set_defaults(handler=run)
 
 
@@ -316,10 +374,11 @@ def run(args: argparse.Namespace) -> int:
         worst = 0
         for text in args.meters:
             meter = _meter(text)
-            if args.station_cmd == "key":
-                out = fetch_key(fleet, meter, via, args.timeout)
+            if args.station_cmd in ("key", "readings"):
+                fetch = fetch_key if args.station_cmd == "key" else fetch_readings
+                out = fetch(fleet, meter, via, args.timeout)
                 ok = out["status"] == "OK"
-                if not args.show_key:
+                if not getattr(args, "show_key", False):
                     out.pop("key", None)
             else:
                 out = revoke(fleet, meter, via, max(args.timeout, 30.0))

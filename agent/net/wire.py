@@ -45,6 +45,10 @@ then UTF-8)::
     18 StationAnswer     request_id:u64 status:u8 key_version:u32 height:u64
                          envelope:b16(0..4096) proof:len32(0..256 KiB)
                          detail:s8(0..200 bytes)            (terminal -> station)
+    19 StationReadings   request_id:u64 mid                 (station -> terminal)
+    20 ReadingsAnswer    request_id:u64 count:u16(0..64)
+                         (key_version:u32 counter:u64 sealed:b16(1..1024))*count
+                                                            (terminal -> station)
 
 The master station speaks 15-18 with a terminal (a StationQuery is answered
 with a StationAnswer: the key sealed to the station and the record proof of
@@ -91,6 +95,8 @@ MAX_DETAIL_BYTES = 200
 MAX_FLEET_BYTES = 64
 MAX_PATH_HOPS = 16
 MAX_PROOF = 256 * 1024  # a record proof: tx, header, up to 1024 endorsements, audit path
+MAX_READINGS = 64  # readings of one meter in one ReadingsAnswer
+MAX_SEALED = 1024  # one sealed reading (agent/node/reading.py: 512 B of data at most)
 MAX_FORWARD_TXS = MAX_TXS_PER_BLOCK
 MAX_CHUNK_DATA = 1024 * 1024
 BOOT_NONCE_LEN = 8
@@ -122,6 +128,8 @@ class MsgType(enum.IntEnum):
     STATION_REVOKE = 16
     STATION_REPLY = 17
     STATION_ANSWER = 18
+    STATION_READINGS = 19
+    READINGS_ANSWER = 20
 
     @property
     def label(self) -> str:
@@ -758,22 +766,83 @@ class StationAnswer:
                    _read_s8(r, "detail", 0, MAX_DETAIL_BYTES))
 
 
+@dataclass(frozen=True, slots=True)
+class StationReadings:
+    """The master station asks the meter's home for the newest readings it accepted."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATION_READINGS
+    request_id: int
+    meter_id: bytes
+
+    def __post_init__(self) -> None:
+        _need_int(self, "request_id", 0, U64_MAX)
+        _need_mid(self, "meter_id")
+
+    def _write(self, w: Writer) -> None:
+        w.u64(self.request_id)
+        w.meter_id(self.meter_id)
+
+    @classmethod
+    def _read(cls, r: Reader) -> StationReadings:
+        return cls(r.u64("request_id"), r.meter_id("meter_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingsAnswer:
+    """The newest readings of one meter as its meter sealed them: (key version, counter,
+    sealed), oldest first; the station opens them with its own copy of the key."""
+
+    TYPE: ClassVar[MsgType] = MsgType.READINGS_ANSWER
+    request_id: int
+    readings: tuple[tuple[int, int, bytes], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "readings", tuple(tuple(x) for x in self.readings))
+        _need_int(self, "request_id", 0, U64_MAX)
+        if len(self.readings) > MAX_READINGS:
+            raise _fail(self, "readings", f"{len(self.readings)} over the cap of {MAX_READINGS}")
+        for item in self.readings:
+            if len(item) != 3 or not _is_int(item[0], 0, U32_MAX) or \
+                    not _is_int(item[1], 0, U64_MAX) or not _is_bytes(item[2], 1, MAX_SEALED):
+                raise _fail(self, "readings", f"bad reading {item!r:.80}")
+
+    def _write(self, w: Writer) -> None:
+        w.u64(self.request_id)
+        w.u16(len(self.readings))
+        for version, counter, sealed in self.readings:
+            w.u32(version)
+            w.u64(counter)
+            _write_b16(w, sealed)
+
+    @classmethod
+    def _read(cls, r: Reader) -> ReadingsAnswer:
+        request_id = r.u64("request_id")
+        at = r.offset
+        n = r.u16("readings.count")
+        if n > MAX_READINGS:
+            raise r.fail("readings.count", f"{n} over the cap of {MAX_READINGS}", at)
+        return cls(request_id, tuple((r.u32("key_version"), r.u64("counter"),
+                                      _read_b16(r, "sealed", 1, MAX_SEALED))
+                                     for _ in range(n)))
+
+
 Message = (Hello | EndorseRequest | EndorsementMsg | EndorsementRefusedMsg | ForwardTxs
            | ForwardRefused | KeyHandover | KeyAck | QueryForward | QueryAnswer
            | SnapshotRequest | SnapshotChunk | Ping | Pong | StationQuery | StationRevoke
-           | StationReply | StationAnswer)
+           | StationReply | StationAnswer | StationReadings | ReadingsAnswer)
 
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, EndorseRequest, EndorsementMsg, EndorsementRefusedMsg,
                               ForwardTxs, ForwardRefused, KeyHandover, KeyAck, QueryForward,
                               QueryAnswer, SnapshotRequest, SnapshotChunk, Ping, Pong,
-                              StationQuery, StationRevoke, StationReply, StationAnswer)
+                              StationQuery, StationRevoke, StationReply, StationAnswer,
+                              StationReadings, ReadingsAnswer)
 }
 
 # What the master station may send a terminal, and what a terminal may send the station
 # besides the control messages (agent/network.py refuses anything else across the line).
-FROM_STATION = (StationQuery, StationRevoke)
-TO_STATION = (StationAnswer, StationReply)
+FROM_STATION = (StationQuery, StationRevoke, StationReadings)
+TO_STATION = (StationAnswer, StationReply, ReadingsAnswer)
 
 
 # -------------------------------------------------------------------- payloads

@@ -78,12 +78,16 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class AcceptReading:
-    """A reading that authenticated under the meter's current key."""
+    """A reading that authenticated under the meter's current key; ``sealed`` is what the
+    meter sent, kept for the master station to open end to end with its own copy of the
+    key (``key_version``)."""
 
     meter_id: bytes
     request_id: int
     counter: int
     plaintext: bytes
+    key_version: int = 0
+    sealed: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

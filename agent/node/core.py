@@ -544,7 +544,8 @@ class Node:
         self._reading_counters.move_to_end(e.meter_id)
         while len(self._reading_counters) > MAX_READING_COUNTERS:
             self._reading_counters.popitem(last=False)
-        out.append(AcceptReading(e.meter_id, e.request_id, e.counter, plain))
+        out.append(AcceptReading(e.meter_id, e.request_id, e.counter, plain,
+                                 entry.key_version, e.sealed))
         out.append(Acknowledge(e.meter_id, e.request_id, Op.READING, entry.key_version))
 
     def _on_query(self, e: ev.QueryRequest, at: ev.Time, out: list[Action]) -> None:
