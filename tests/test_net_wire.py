@@ -40,10 +40,12 @@ from agent.net.wire import (
     Pong,
     QueryAnswer,
     QueryForward,
+    ReadingsAnswer,
     SnapshotChunk,
     SnapshotRequest,
     StationAnswer,
     StationQuery,
+    StationReadings,
     StationReply,
     StationRevoke,
     WireError,
@@ -143,6 +145,9 @@ STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
                             st.text(max_size=50)),
     StationAnswer: st.builds(StationAnswer, u64, u8, u32, u64, st.binary(max_size=300),
                              st.binary(max_size=600), st.text(max_size=50)),
+    StationReadings: st.builds(StationReadings, u64, mids),
+    ReadingsAnswer: st.builds(ReadingsAnswer, u64, st.lists(
+        st.tuples(u32, u64, st.binary(min_size=1, max_size=80)), max_size=6).map(tuple)),
 }
 messages = st.one_of(*STRATEGIES.values())
 
@@ -170,6 +175,8 @@ def samples() -> list[Message]:
         StationRevoke(2**64 - 1, b"\x04" * 16),
         StationReply(5, False, 11, int(Reason.RETIRED_PROPOSER), 0, "not the home"),
         StationAnswer(5, 0, 3, 12, b"sealed to the station", b"proof" * 30, ""),
+        StationReadings(6, b"\x01\x02\x03"),
+        ReadingsAnswer(6, ((3, 17, b"sealed" * 8), (3, 18, b"\x00" * 44))),
     ]
 
 
@@ -191,7 +198,7 @@ def refused(data: bytes, decoder: FrameDecoder | None = None) -> WireError:
 def test_every_message_type_is_covered_here() -> None:
     assert set(STRATEGIES) == set(MESSAGE_CLASSES.values())
     assert {type(m) for m in samples()} == set(MESSAGE_CLASSES.values())
-    assert [int(t) for t in MsgType] == list(range(1, 19))  # stable codes, none reused
+    assert [int(t) for t in MsgType] == list(range(1, 21))  # stable codes, none reused
 
 
 @given(messages)
@@ -336,6 +343,9 @@ def test_the_encoder_refuses_what_the_decoder_would() -> None:
     lambda: StationReply(0, True, 256, 0, 0, ""),
     lambda: StationReply(0, True, 0, 2**16, 0, ""),
     lambda: StationAnswer(0, 0, 0, 0, b"", b"p" * (256 * 1024 + 1), ""),
+    lambda: ReadingsAnswer(0, ((0, 0, b""),)),
+    lambda: ReadingsAnswer(0, ((0, 0, b"x"),) * 65),
+    lambda: ReadingsAnswer(0, ((2**32, 0, b"x"),)),
 ])
 def test_messages_refuse_bad_fields_when_built(build: object) -> None:
     with pytest.raises(WireValueError):
@@ -357,7 +367,7 @@ def test_another_version_is_refused(version: int) -> None:
     assert refused(data[:3]).reason is WireFault.BAD_VERSION
 
 
-@pytest.mark.parametrize("msg_type", [0, 19, 200, 255])
+@pytest.mark.parametrize("msg_type", [0, 21, 200, 255])
 def test_an_unknown_type_is_refused_before_its_payload(msg_type: int) -> None:
     assert refused(frame(msg_type, b"")[:4]).reason is WireFault.UNKNOWN_TYPE
     with pytest.raises(WireError) as info:
