@@ -16,6 +16,7 @@ from tools.fleet_probe import (
     digests,
     down,
     edgekey,
+    etcd_dropped_below,
     heights,
     load,
     marked_pids,
@@ -26,5 +27,6 @@ from tools.fleet_probe import (
 )
 
 __all__ = ["ROOT", "ProbeError", "acked", "alive", "all_pids", "check_acked", "console_json",
-           "consoles", "converged", "digests", "down", "edgekey", "heights", "load",
+           "consoles", "converged", "digests", "down", "edgekey", "etcd_dropped_below",
+           "heights", "load",
            "marked_pids", "meter_states", "statuses", "stop_meters", "wait"]

@@ -25,12 +25,11 @@ from fleetprobe import (
     converged,
     down,
     edgekey,
+    etcd_dropped_below,
     heights,
     wait,
 )
 
-from agent.net.etcd import EtcdClient
-from agent.net.ordering import chain_key
 from tools.console_client import ConsoleClient, ConsoleTimeout
 
 pytestmark = pytest.mark.host_only
@@ -51,14 +50,8 @@ def test_a_terminal_behind_the_retained_blocks_catches_up_from_a_checked_snapsho
         wait(lambda: len(acked(d)) >= 16, 60, "the meters registered")
         assert edgekey("fleet", "kill", "--dir", str(d), "ecd-04").returncode == 0
         down_at = max(h for t, h in heights_up(fleet).items())
-        tls = d / "tls"
-        prefix = f"/edgekey/{d.name}/".encode()
-        with EtcdClient(fleet["etcd"]["endpoints"], ca=str(tls / "ca.crt"),
-                        cert=str(tls / "ecd-00.crt"), key=str(tls / "ecd-00.key")) as etcd:
-            def gone() -> bool:
-                kept = etcd.range(chain_key(prefix, 0, ""), chain_key(prefix, down_at + 2, ""))
-                return not kept.kvs
-            wait(gone, 90, "etcd to drop the blocks after ecd-04's tip")
+        wait(lambda: etcd_dropped_below(d, fleet, down_at + 2), 90,
+             "etcd to drop the blocks after ecd-04's tip")
         r = edgekey("fleet", "start", "--dir", str(d), "ecd-04")
         assert r.returncode == 0, r.stdout + r.stderr
         fleet = json.loads((d / "fleet.json").read_text())

@@ -358,7 +358,6 @@ class FaultRun:
 
     def _kept(self, f: fs.Fault) -> None:
         """Down until etcd holds none of the blocks after its tip, then back by a snapshot."""
-        from agent.net.ordering import chain_key
 
         v = f.planned[0]
         self.wait_ops(f.at_ops)
@@ -370,9 +369,8 @@ class FaultRun:
         c = self.catchup
         c.update(terminal=v, fleet_height_at_kill=upper)
         fleet = probe.load(self.dir)
-        prefix = f"/edgekey/{self.dir.name}/".encode()
         c["compacted_after_s"] = round(self.until(
-            lambda: self._none_below(fleet, prefix, chain_key, upper + 2), COMPACTED_TIMEOUT_S,
+            lambda: probe.etcd_dropped_below(self.dir, fleet, upper + 2), COMPACTED_TIMEOUT_S,
             f"etcd to drop the blocks after {v}'s tip", every=2.0), 2)
         target = c["fleet_height_at_start"] = max(self._heights(self._running()).values(),
                                                   default=0)
@@ -424,21 +422,6 @@ class FaultRun:
             "adopted_source": "console journal" if journal is not None else "log file",
             "adopted_heights": [e.get("height") for e in adopted],
             "adopted_in_log_file": in_file, "snapshot_served_by": served})
-
-    def _none_below(self, fleet: dict, prefix: bytes, chain_key: Any, height: int) -> bool:
-        from agent.net.etcd import EtcdClient, EtcdError
-
-        tls = self.dir / "tls"
-        first = self.ids[0]  # any terminal's certificate opens etcd
-        try:
-            with EtcdClient(fleet["etcd"]["endpoints"], ca=str(tls / "ca.crt"),
-                            cert=str(tls / f"{first}.crt"), key=str(tls / f"{first}.key"),
-                            timeout_s=5.0) as etcd:
-                kept = etcd.range(chain_key(prefix, 0, ""), chain_key(prefix, height, ""),
-                                  limit=1)
-        except EtcdError:
-            return False
-        return not kept.kvs
 
 
 # --------------------------------------------------------------------- steps

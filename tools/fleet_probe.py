@@ -176,6 +176,26 @@ class AckedCheck:
         return not self.lost
 
 
+def etcd_dropped_below(d: Path, fleet: dict, height: int) -> bool:
+    """Whether etcd holds no candidate block below ``height`` any more (the proposer's
+    retention deleted them). False while etcd does not answer: a member killed with its
+    terminal, a leader being elected."""
+    from agent.net.etcd import EtcdClient, EtcdError
+    from agent.net.ordering import chain_key
+
+    tls = d / "tls"
+    first = fleet["terminals"][0]["id"]  # any terminal's certificate opens etcd
+    prefix = f"/edgekey/{d.name}/".encode()
+    try:
+        with EtcdClient(fleet["etcd"]["endpoints"], ca=str(tls / "ca.crt"),
+                        cert=str(tls / f"{first}.crt"), key=str(tls / f"{first}.key"),
+                        timeout_s=5.0) as etcd:
+            return not etcd.range(chain_key(prefix, 0, ""), chain_key(prefix, height, ""),
+                                  limit=1).kvs
+    except EtcdError:
+        return False
+
+
 def check_acked(fleet: dict, d: Path, timeout: float = CONSOLE_TIMEOUT_S) -> AckedCheck:
     """Each meter's acknowledged (version, key) on the chain at its home, the key held there.
 
