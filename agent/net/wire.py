@@ -69,7 +69,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from agent.ledger.block import (
     MAX_TXS_PER_BLOCK,
@@ -636,11 +636,10 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
-class StationQuery:
-    """The master station asks this terminal for ``meter_id``'s key, wrapped to the station;
-    answered with a QueryAnswer of ``request_id`` (from the holder, forwarded if need be)."""
+class _StationAsk:
+    """What the station's requests share: its request id and the meter asked about."""
 
-    TYPE: ClassVar[MsgType] = MsgType.STATION_QUERY
+    TYPE: ClassVar[MsgType]
     request_id: int
     meter_id: bytes
 
@@ -653,29 +652,23 @@ class StationQuery:
         w.meter_id(self.meter_id)
 
     @classmethod
-    def _read(cls, r: Reader) -> StationQuery:
+    def _read(cls, r: Reader) -> Self:
         return cls(r.u64("request_id"), r.meter_id("meter_id"))
 
 
 @dataclass(frozen=True, slots=True)
-class StationRevoke:
+class StationQuery(_StationAsk):
+    """The master station asks this terminal for ``meter_id``'s key, wrapped to the station;
+    answered with a StationAnswer of ``request_id`` (from the holder, forwarded if need be)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATION_QUERY
+
+
+@dataclass(frozen=True, slots=True)
+class StationRevoke(_StationAsk):
     """The master station orders ``meter_id``'s key revoked, through its home terminal."""
 
     TYPE: ClassVar[MsgType] = MsgType.STATION_REVOKE
-    request_id: int
-    meter_id: bytes
-
-    def __post_init__(self) -> None:
-        _need_int(self, "request_id", 0, U64_MAX)
-        _need_mid(self, "meter_id")
-
-    def _write(self, w: Writer) -> None:
-        w.u64(self.request_id)
-        w.meter_id(self.meter_id)
-
-    @classmethod
-    def _read(cls, r: Reader) -> StationRevoke:
-        return cls(r.u64("request_id"), r.meter_id("meter_id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -767,24 +760,10 @@ class StationAnswer:
 
 
 @dataclass(frozen=True, slots=True)
-class StationReadings:
+class StationReadings(_StationAsk):
     """The master station asks the meter's home for the newest readings it accepted."""
 
     TYPE: ClassVar[MsgType] = MsgType.STATION_READINGS
-    request_id: int
-    meter_id: bytes
-
-    def __post_init__(self) -> None:
-        _need_int(self, "request_id", 0, U64_MAX)
-        _need_mid(self, "meter_id")
-
-    def _write(self, w: Writer) -> None:
-        w.u64(self.request_id)
-        w.meter_id(self.meter_id)
-
-    @classmethod
-    def _read(cls, r: Reader) -> StationReadings:
-        return cls(r.u64("request_id"), r.meter_id("meter_id"))
 
 
 @dataclass(frozen=True, slots=True)
