@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent import provisioning as prov
 from agent.keystore.material import fingerprint
@@ -75,6 +75,8 @@ from agent.remotequery import QueryStatus
 from tools.provision_cmd import STATION
 
 DEFAULT_TIMEOUT_S = 10.0
+_Ask = StationQuery | StationReadings | StationRevoke
+_Reply = TypeVar("_Reply", StationAnswer, ReadingsAnswer, StationReply)
 
 
 class StationError(Exception):
@@ -183,26 +185,22 @@ class StationLink:
             except WireError as exc:
                 raise StationError(f"{self.terminal}: {exc}") from None
 
-    def query(self, meter_id: bytes) -> StationAnswer:
+    def ask(self, request: type[_Ask], meter_id: bytes, answer: type[_Reply]) -> _Reply:
+        """Send ``request`` about ``meter_id``; its ``answer`` (matched by request id)."""
         rid = int.from_bytes(os.urandom(8), "big") >> 1
-        self._send(StationQuery(rid, meter_id))
-        answer = self._next(lambda m: isinstance(m, StationAnswer) and m.request_id == rid)
-        assert isinstance(answer, StationAnswer)
-        return answer
+        self._send(request(rid, meter_id))
+        got = self._next(lambda m: isinstance(m, answer) and m.request_id == rid)
+        assert isinstance(got, answer)
+        return got
+
+    def query(self, meter_id: bytes) -> StationAnswer:
+        return self.ask(StationQuery, meter_id, StationAnswer)
 
     def readings(self, meter_id: bytes) -> ReadingsAnswer:
-        rid = int.from_bytes(os.urandom(8), "big") >> 1
-        self._send(StationReadings(rid, meter_id))
-        answer = self._next(lambda m: isinstance(m, ReadingsAnswer) and m.request_id == rid)
-        assert isinstance(answer, ReadingsAnswer)
-        return answer
+        return self.ask(StationReadings, meter_id, ReadingsAnswer)
 
     def revoke(self, meter_id: bytes) -> StationReply:
-        rid = int.from_bytes(os.urandom(8), "big") >> 1
-        self._send(StationRevoke(rid, meter_id))
-        reply = self._next(lambda m: isinstance(m, StationReply) and m.request_id == rid)
-        assert isinstance(reply, StationReply)
-        return reply
+        return self.ask(StationRevoke, meter_id, StationReply)
 
 
 def _status_name(status: int) -> str:
