@@ -53,11 +53,19 @@ def has_progress_notify_flag(etcd: str = ETCD) -> bool:
     return "--experimental-watch-progress-notify-interval" in out.stdout + out.stderr
 
 
-def free_port() -> int:
-    """A loopback port free right now (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+def free_port(taken: set[int] | None = None) -> int:
+    """A loopback port free right now (bind to 0, read it, close), and not one of ``taken``
+    (which it joins): the kernel may hand a port just released to the next caller, so two
+    listeners picked one after the other could otherwise get the same one."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if taken is None:
+            return port
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 def retry_unhealthy(call: Callable[[], object], timeout_s: float = 15.0) -> None:
@@ -165,8 +173,10 @@ class EtcdCluster:
             self.ca = str(self._ca.write(self.directory)[1])
             self.cert, self.key = self.client_cert(CLIENT_NAME)
         scheme = "https" if tls else "http"
+        self._ports: set[int] = set()
         for i in range(members):
-            self._members.append(_Member(f"m{i}", free_port(), free_port(), scheme))
+            self._members.append(_Member(f"m{i}", free_port(self._ports),
+                                         free_port(self._ports), scheme))
         atexit.register(self.close)
         try:
             initial = self._initial_cluster()
@@ -257,7 +267,7 @@ class EtcdCluster:
         cluster just started or just restarted is retried until then.
         """
         scheme = "https" if self.tls else "http"
-        member = _Member(name, free_port(), free_port(), scheme)
+        member = _Member(name, free_port(self._ports), free_port(self._ports), scheme)
         with self.client() as c:
             retry_unhealthy(lambda: c.member_add([member.peer_url]))
         with self._lock:

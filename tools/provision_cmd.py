@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from emulator.etcd import free_port
 from emulator.netns import NetnsPlan
 
 AREA_M = 1000.0  # meters spread over a square of this side around the terminal
@@ -64,12 +65,11 @@ def meter_id(i: int) -> bytes:
     return bytes.fromhex(f"{i + 1:012d}")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ports_of(network: dict) -> set[int]:
+    """The ports a provisioning document's network section already uses."""
+    urls = [*network["peers"].values(), *network["etcd"]]
+    urls += [m[k] for m in network["members"].values() for k in ("client", "peer")]
+    return {int(str(u).rsplit(":", 1)[1]) for u in urls}
 
 
 def _network(directory: Path, ids: list[str], fleet_name: str, members: int,
@@ -85,11 +85,13 @@ def _network(directory: Path, ids: list[str], fleet_name: str, members: int,
     tls.mkdir(parents=True, exist_ok=True)
     ca = FleetCA.create(fleet_name)
     ca.write(tls)
+    taken: set[int] = set()
+
     def host(t: str) -> str:
         return plan.address(t) if plan is not None else "127.0.0.1"
 
     def port(fixed: int) -> int:
-        return fixed if plan is not None else _free_port()
+        return fixed if plan is not None else free_port(taken)
 
     for t in ids:
         ca.issue(t, ips=(host(t), "127.0.0.1")).write(tls, t)
@@ -294,15 +296,16 @@ def add_terminal(directory: Path, *, etcd_member: bool = False,
     ca = FleetCA.load((tls / "ca.key").read_bytes(), (tls / "ca.crt").read_bytes())
     ca.issue(tid).write(tls, tid)
     network = document["network"]
-    network["peers"][tid] = f"127.0.0.1:{_free_port()}"
+    taken = _ports_of(network)
+    network["peers"][tid] = f"127.0.0.1:{free_port(taken)}"
     member = None
     if etcd_member:
         names = {m["name"] for m in network["members"].values()} | set(
             fleet.get("etcd", {}).get("retired_members", []))
         name = next(f"m{i}" for i in range(100) if f"m{i}" not in names)
         ca.issue(name).write(tls, name)
-        member = {"name": name, "client": f"https://127.0.0.1:{_free_port()}",
-                  "peer": f"https://127.0.0.1:{_free_port()}"}
+        member = {"name": name, "client": f"https://127.0.0.1:{free_port(taken)}",
+                  "peer": f"https://127.0.0.1:{free_port(taken)}"}
         network["members"][tid] = member
         network["etcd"].append(member["client"])
     issued = _issue(directory, document)
