@@ -164,7 +164,7 @@ def _flash(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tools import demo
 
-    return demo.run(args.out, board=args.board)
+    return demo.run(args.out, board=args.board, quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,9 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     paper.add_parser(sub, _paper)
 
-    demo = sub.add_parser("demo", help="one terminal at work: flash image, power cut, meter "
-                                       "link, key lifecycle, placement")
+    demo = sub.add_parser("demo", help="one terminal at work (flash image, power cut, meter "
+                                       "link, key lifecycle, placement), then 13 terminals "
+                                       "on etcd with 300 meters and the master station")
     demo.add_argument("--board", default="host")
+    demo.add_argument("--quick", action="store_true",
+                      help="5 terminals and 40 meters for the fleet on etcd")
     demo.add_argument("--out", default="out/demo", help="folder for the flash image")
     demo.set_defaults(handler=_demo)
     return p

@@ -24,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -382,7 +383,100 @@ def fleet_step(out: Path, board_name: str) -> None:
             fleet.down(d)
 
 
-def run(out: str, board: str = "host") -> int:
+def network_step(out: Path, board_name: str, *, terminals: int = 13, meters: int = 300,
+                 seed: int = 1) -> None:
+    """The fleet on etcd with the master station: every meter registered at its home; keys
+    fetched by the station through their home and through another terminal (forwarded),
+    each with its record proof checked; readings opened end to end; a revoke through the
+    home; three terminals killed mid-stream and restarted; one chain everywhere."""
+    import argparse
+    import random
+    import shutil
+
+    from tools import fleet, station
+    from tools import fleet_probe as probe
+    from tools.console_client import ConsoleClient
+
+    d = out / "network"
+    if (d / "fleet.json").exists():
+        fleet.down(d)
+    shutil.rmtree(d, ignore_errors=True)
+    parser = argparse.ArgumentParser(prog="edgekey")
+    fleet.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["fleet", "up", "--dir", str(d), "--terminals", str(terminals),
+                              "--meters", str(meters), "--board", board_name, "--seed",
+                              str(seed), "--reading-every", "4", "--rotate-every", "8",
+                              "--start-spread", "3"])
+    rng = random.Random(seed)
+    try:
+        t0 = time.monotonic()
+        if fleet.up(args) != 0:
+            raise RuntimeError("edgekey fleet up failed")
+        fl = probe.load(d)
+        probe.wait(lambda: len(probe.acked(d)) == meters, 120, "every meter registered")
+        voting = sum(1 for t in fl["terminals"] if t.get("etcd"))
+        st = probe.statuses(fl)
+        print(f"{terminals} terminals ({voting} hosting etcd voting members), {meters} meters "
+              f"registered {time.monotonic() - t0:.0f} s after fleet up; proposer "
+              f"{next(iter(st.values()))['proposer']}, heights "
+              f"{sorted({x['height'] for x in st.values() if x})}")
+        done = probe.acked(d)
+        urls = probe.consoles(fl)
+        with ConsoleClient(urls["ecd-00"]) as c:
+            picks = sorted(done)[:: max(1, len(done) // 3)][:3]
+            homes = {m: probe.console_json(c, f"keys get {m}")["home"] for m in picks}
+        sf = station.Fleet.load(d)
+        _say("the master station: keys through any terminal, proofs, readings, a revoke")
+        for m in picks:
+            other = next(t for t in sorted(urls) if t != homes[m])
+            for via in (homes[m], other):
+                got = station.fetch_key(sf, bytes.fromhex(m), via)
+                kind = "its home" if via == homes[m] else f"{via}, forwarded to {homes[m]}"
+                print(f"station key {m} via {kind}: {got['status']} v{got['key_version']} "
+                      f"height {got['height']}, proof {got.get('proof')}, fingerprint "
+                      f"{got.get('fingerprint', '')[:16]}")
+                if got["status"] != "OK" or got.get("proof") != "checked":
+                    raise RuntimeError(f"the station's key query failed: {got}")
+        read = picks[0]
+        probe.wait(lambda: len(station.fetch_readings(sf, bytes.fromhex(read), homes[read])
+                               .get("readings", [])) >= 2, 30, "readings at the home")
+        got = station.fetch_readings(sf, bytes.fromhex(read), homes[read])
+        tally = Counter(r["status"] for r in got["readings"])
+        print(f"station readings {read}: {len(got['readings'])} opened end to end with the "
+              f"meter's key v{got['key_version']}: {tally['ok']} ok"
+              + (f", {tally['stale']} sealed under another version (the meter rotated)"
+                 if tally["stale"] else "") + (f", {tally['bad']} BAD" if tally["bad"] else ""))
+        if tally["bad"] or not tally["ok"]:
+            raise RuntimeError(f"the readings did not open: {got}")
+        victim = picks[-1]
+        not_home = next(t for t in sorted(urls) if t != homes[victim])
+        got = station.revoke(sf, bytes.fromhex(victim), not_home)
+        print(f"station revoke {victim} asked of {not_home}: redirected to {got['via']}, "
+              f"committed at height {got['height']}; its key is now "
+              f"{station.fetch_key(sf, bytes.fromhex(victim), not_home)['status']}")
+        _say("three terminals killed (kill -9, agent and etcd member) mid-stream, restarted")
+        victims = sorted(rng.sample(sorted(urls), 3))
+        for v in victims:
+            fleet.kill(d, v)
+        time.sleep(3)
+        for v in victims:
+            if fleet.start(d, v) != 0:
+                raise RuntimeError(f"{v} did not start again")
+        fl = probe.load(d)
+        probe.wait(lambda: all(x and x["synced"] for x in probe.statuses(fl).values()), 90,
+                   "every terminal current again")
+        probe.converged(fl, d, "ecd-00")
+        found = probe.digests(fl)
+        heights = probe.heights(fl)
+        print(f"meters stopped: {len(found)} chains at height {max(heights.values())}, one "
+              f"full-state digest {next(iter(found.values()))[:16]}...; every acknowledged "
+              f"key version on the chain")
+    finally:
+        if (d / "fleet.json").exists():
+            fleet.down(d)
+
+
+def run(out: str, board: str = "host", *, quick: bool = False) -> int:
     b = load_board(board_path(board))
     _say(f"board {b.name}: {b.source}")
     print(f"{b.cpu.arch} {b.cpu.cores}x{b.cpu.mhz} MHz, RAM {b.ram.total_mib} MiB, "
@@ -402,6 +496,9 @@ def run(out: str, board: str = "host") -> int:
     placement_step(Path(out))
     _say("the running agent: a fleet of one with 20 emulated meters over a PLC channel")
     fleet_step(Path(out), board)
+    n, m = (5, 40) if quick else (13, 300)
+    _say(f"terminals together on etcd: {n} agents, {m} emulated meters, the master station")
+    network_step(Path(out), board, terminals=n, meters=m)
     _say("RAM at the end")
     print(budget.check())
     return 0
