@@ -23,6 +23,7 @@ from agent.net.wire import (
     MAX_PATH_HOPS,
     MAX_PAYLOAD,
     MESSAGE_CLASSES,
+    RELAYABLE,
     WIRE_VERSION,
     EndorsementMsg,
     EndorsementRefusedMsg,
@@ -41,6 +42,7 @@ from agent.net.wire import (
     QueryAnswer,
     QueryForward,
     ReadingsAnswer,
+    Relayed,
     SnapshotChunk,
     SnapshotRequest,
     StationAnswer,
@@ -148,6 +150,9 @@ STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
     StationReadings: st.builds(StationReadings, u64, mids),
     ReadingsAnswer: st.builds(ReadingsAnswer, u64, st.lists(
         st.tuples(u32, u64, st.binary(min_size=1, max_size=80)), max_size=6).map(tuple)),
+    Relayed: st.builds(Relayed, u64, st.lists(tids, min_size=2, max_size=MAX_PATH_HOPS,
+                                              unique=True).map(tuple),
+                       st.sampled_from(RELAYABLE).map(int), st.binary(max_size=300), signatures),
 }
 messages = st.one_of(*STRATEGIES.values())
 
@@ -177,6 +182,8 @@ def samples() -> list[Message]:
         StationAnswer(5, 0, 3, 12, b"sealed to the station", b"proof" * 30, ""),
         StationReadings(6, b"\x01\x02\x03"),
         ReadingsAnswer(6, ((3, 17, b"sealed" * 8), (3, 18, b"\x00" * 44))),
+        Relayed(9, ("ecd-00", "ecd-03", "ecd-01"), MsgType.KEY_ACK, b"\x03\x01\x02\x03"
+                b"\x00\x00\x00\x04", b"\x05" * 64),
     ]
 
 
@@ -198,7 +205,7 @@ def refused(data: bytes, decoder: FrameDecoder | None = None) -> WireError:
 def test_every_message_type_is_covered_here() -> None:
     assert set(STRATEGIES) == set(MESSAGE_CLASSES.values())
     assert {type(m) for m in samples()} == set(MESSAGE_CLASSES.values())
-    assert [int(t) for t in MsgType] == list(range(1, 21))  # stable codes, none reused
+    assert [int(t) for t in MsgType] == list(range(1, 22))  # stable codes, none reused
 
 
 @given(messages)
@@ -367,7 +374,7 @@ def test_another_version_is_refused(version: int) -> None:
     assert refused(data[:3]).reason is WireFault.BAD_VERSION
 
 
-@pytest.mark.parametrize("msg_type", [0, 21, 200, 255])
+@pytest.mark.parametrize("msg_type", [0, 22, 200, 255])
 def test_an_unknown_type_is_refused_before_its_payload(msg_type: int) -> None:
     assert refused(frame(msg_type, b"")[:4]).reason is WireFault.UNKNOWN_TYPE
     with pytest.raises(WireError) as info:

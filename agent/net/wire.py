@@ -49,11 +49,20 @@ then UTF-8)::
     20 ReadingsAnswer    request_id:u64 count:u16(0..64)
                          (key_version:u32 counter:u64 sealed:b16(1..1024))*count
                                                             (terminal -> station)
+    21 Relayed           origin:tid dst:tid seq:u64 hops:u8(2..16) tid*hops
+                         inner_type:u8(2..8) inner:len32 signature:64
 
 The master station speaks 15-18 with a terminal (a StationQuery is answered
 with a StationAnswer: the key sealed to the station and the record proof of
 the meter's newest record, agent/ledger/proof.py); a terminal speaks them
 only to it.
+
+A Relayed frame carries one of the endorsement and hand-over messages (2-8)
+hop by hop along ``path`` (origin first, destination last, no terminal
+twice): relays pass ``inner`` on undecoded; the destination decodes it and
+checks ``signature``, the origin's Ed25519 signature of ``relayed_signed``
+(everything before it, under a domain prefix), so no relay can forge,
+alter, re-route or re-address what it carries (agent/net/overlay.py).
 
 Reason codes (4, 6) are carried as any u16, so a newer peer's code passes
 through; the receiver maps the ones it knows with ``agent.ledger.rules.Reason``.
@@ -130,6 +139,7 @@ class MsgType(enum.IntEnum):
     STATION_ANSWER = 18
     STATION_READINGS = 19
     READINGS_ANSWER = 20
+    RELAYED = 21
 
     @property
     def label(self) -> str:
@@ -805,17 +815,100 @@ class ReadingsAnswer:
                                      for _ in range(n)))
 
 
+# What a Relayed frame may carry: the messages between terminals that name no path of their own.
+RELAYABLE = (MsgType.ENDORSE_REQUEST, MsgType.ENDORSEMENT, MsgType.ENDORSEMENT_REFUSED,
+             MsgType.FORWARD_TXS, MsgType.FORWARD_REFUSED, MsgType.KEY_HANDOVER,
+             MsgType.KEY_ACK)
+RELAYED_DOMAIN = b"edgekey relayed v1\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """A terminal-to-terminal message on its way along ``path``, signed by its origin."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RELAYED
+    seq: int
+    path: tuple[str, ...]  # origin ... destination
+    inner_type: int
+    inner: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", tuple(self.path))
+        _need_int(self, "seq", 0, U64_MAX)
+        if not 2 <= len(self.path) <= MAX_PATH_HOPS:
+            raise _fail(self, "path", f"{len(self.path)} terminals, need 2..{MAX_PATH_HOPS}")
+        for hop in self.path:
+            _need_tid(self, "path", hop)
+        if len(set(self.path)) != len(self.path):
+            raise _fail(self, "path", "a terminal twice on one path")
+        if self.inner_type not in RELAYABLE:
+            raise _fail(self, "inner_type", f"{self.inner_type!r} is not a relayable type")
+        _need_bytes(self, "inner", 0, MAX_PAYLOAD - 512)
+        _need_bytes(self, "signature", SIGNATURE_LEN, SIGNATURE_LEN)
+
+    @property
+    def origin(self) -> str:
+        return self.path[0]
+
+    @property
+    def dst(self) -> str:
+        return self.path[-1]
+
+    def _write_signed(self, w: Writer) -> None:
+        w.u64(self.seq)
+        w.u8(len(self.path))
+        for hop in self.path:
+            w.terminal_id(hop)
+        w.u8(self.inner_type)
+        w.u32(len(self.inner))
+        w.raw(self.inner)
+
+    def _write(self, w: Writer) -> None:
+        self._write_signed(w)
+        w.fixed(self.signature, SIGNATURE_LEN)
+
+    @classmethod
+    def _read(cls, r: Reader) -> Relayed:
+        seq = r.u64("seq")
+        at = r.offset
+        hops = r.u8("path.hops")
+        if not 2 <= hops <= MAX_PATH_HOPS:
+            raise r.fail("path.hops", f"{hops} outside 2..{MAX_PATH_HOPS}", at)
+        path = tuple(r.terminal_id(f"path[{i}]") for i in range(hops))
+        if len(set(path)) != hops:
+            raise r.fail("path", "a terminal twice on one path", at)
+        at = r.offset
+        inner_type = r.u8("inner_type")
+        if inner_type not in RELAYABLE:
+            raise r.fail("inner_type", f"{inner_type} is not a relayable type", at)
+        at = r.offset
+        n = r.u32("inner.length")
+        if n > MAX_PAYLOAD - 512:
+            raise r.fail("inner.length", f"{n} over the cap of {MAX_PAYLOAD - 512}", at)
+        inner = r.fixed("inner", n)
+        return cls(seq, path, inner_type, inner, r.fixed("signature", SIGNATURE_LEN))
+
+
+def relayed_signed(seq: int, path: tuple[str, ...], inner_type: int, inner: bytes) -> bytes:
+    """The bytes a Relayed frame's origin signs: domain, seq, path, inner type and payload."""
+    w = Writer()
+    w.raw(RELAYED_DOMAIN)
+    Relayed(seq, path, inner_type, inner, bytes(SIGNATURE_LEN))._write_signed(w)
+    return w.getvalue()
+
+
 Message = (Hello | EndorseRequest | EndorsementMsg | EndorsementRefusedMsg | ForwardTxs
            | ForwardRefused | KeyHandover | KeyAck | QueryForward | QueryAnswer
            | SnapshotRequest | SnapshotChunk | Ping | Pong | StationQuery | StationRevoke
-           | StationReply | StationAnswer | StationReadings | ReadingsAnswer)
+           | StationReply | StationAnswer | StationReadings | ReadingsAnswer | Relayed)
 
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, EndorseRequest, EndorsementMsg, EndorsementRefusedMsg,
                               ForwardTxs, ForwardRefused, KeyHandover, KeyAck, QueryForward,
                               QueryAnswer, SnapshotRequest, SnapshotChunk, Ping, Pong,
                               StationQuery, StationRevoke, StationReply, StationAnswer,
-                              StationReadings, ReadingsAnswer)
+                              StationReadings, ReadingsAnswer, Relayed)
 }
 
 # What the master station may send a terminal, and what a terminal may send the station
