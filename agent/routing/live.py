@@ -187,16 +187,26 @@ class LiveRouter:
         """Feed link a-b's counters; returns the flow ids whose path changed, sorted."""
         est = self.estimator(a, b)
         est.feed(sample)
+        return self.report(a, b, est.rate_bps, est.delivery)
+
+    def report(self, a: str, b: str, rate_bps: float | None,
+               delivery: float | None) -> list[str]:
+        """Link a-b's measured total rate and delivery, from its own estimator or as another
+        terminal measured and published them (None: not known); the flow ids re-routed."""
         base = self.router.background
         lk = base.link(a, b)
         key = (lk.a, lk.b)
         old_load, old_delivery = self._pushed.get(key, (lk.load, lk.delivery))
-        load, delivery = old_load, old_delivery
-        if est.rate_bps is not None:
+        load = old_load
+        if rate_bps is not None:
+            rate_bps = require_real("rate_bps", rate_bps, min=0.0, error=LiveStatsError)
             ours = math.fsum(self.router.demand(f).rate_bps for f in self.router.flows_on(a, b))
-            load = min(lk.capacity, max(0.0, est.rate_bps - ours))
-        if est.delivery is not None:
-            delivery = est.delivery
+            load = min(lk.capacity, max(0.0, rate_bps - ours))
+        if delivery is None:
+            delivery = old_delivery
+        else:
+            delivery = min(1.0, max(MIN_DELIVERY, require_real(
+                "delivery", delivery, min=0.0, max=1.0, error=LiveStatsError)))
         if not (_moved(load, old_load, LOAD_FLOOR_SHARE * lk.capacity, self.threshold)
                 or _moved(delivery, old_delivery, 0.0, self.threshold)):
             return []
