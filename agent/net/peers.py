@@ -54,6 +54,19 @@ the peer's Hello once it is authenticated (its boot nonce says whether the
 peer restarted), goes to ``on_message(peer_id, message)``. That callback runs
 inside the pump's; an exception from it is the caller's bug and propagates.
 
+Emulated WAN links (``link_rate_bps``, ``link_buffer_bytes``): on loopback every
+connection is as fast as memory, so no queue ever forms and no router choice
+matters. With a rate set, each peer connection is a link of that many bit/s
+in each direction: a token bucket (a burst of ``SHAPING_BURST_S`` of the
+rate, at least one write chunk) meters what is written to the socket, the
+rest waits in the peer's queue, and a message that finds more than
+``link_buffer_bytes`` already waiting is dropped (``dropped.link_buffer``),
+as a forwarding queue of M packets drops arrivals when full (eq. 6). One
+message larger than the buffer is still taken when the queue is empty (a
+block is one message; the paper's 360-byte packets are its pieces). The
+wait for tokens is a deadline of ``next_deadline``, so the owner's loop
+wakes when the link may send again.
+
 ``addresses`` hold numeric IPs (a name would need a DNS lookup, which
 blocks); the mapping is read at each dial, so its owner may keep it current
 as terminals join.
@@ -104,6 +117,7 @@ READ_CHUNK = 64 * 1024
 READ_BUDGET = 512 * 1024  # per callback, so one busy peer cannot starve the loop
 WRITE_CHUNK = 16 * 1024  # one TLS record
 FILL_BYTES = 64 * 1024  # framed ahead of the socket; the rest waits unnumbered in the queue
+SHAPING_BURST_S = 0.02  # an emulated link may write this much of its rate at once
 ACCEPTS_PER_CALL = 16
 MAX_UNAUTHENTICATED = 32  # inbound connections still in handshake or Hello
 LISTEN_BACKLOG = 64
@@ -193,6 +207,10 @@ class _Peer:
     boot_nonce: bytes | None = None
     ping_nonce: int | None = None
     ping_sent_at: float = 0.0
+    failures: int = 0  # dials that failed, connections found dead or broken
+    tokens: float = 0.0  # bytes the emulated link may write now
+    token_at: float = 0.0
+    throttled: bool = False  # waiting for tokens: WRITE not wanted until then
 
     def queue_bytes(self) -> int:
         held = len(self.conn.outbuf) if self.conn is not None else 0
@@ -210,7 +228,8 @@ class PeerNet:
                  *, is_member: Callable[[str], bool], on_message: OnMessage,
                  clock: Clock = time.monotonic,
                  max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
-                 idle_ping_s: float = 5.0, dead_after_s: float = 15.0) -> None:
+                 idle_ping_s: float = 5.0, dead_after_s: float = 15.0,
+                 link_rate_bps: float | None = None, link_buffer_bytes: int | None = None) -> None:
         require_terminal_id(self_id)
         if not 0 < idle_ping_s < dead_after_s:
             raise ValueError("need 0 < idle_ping_s < dead_after_s")
@@ -225,6 +244,12 @@ class PeerNet:
         self.max_queue_bytes = max_queue_bytes
         self.idle_ping_s = idle_ping_s
         self.dead_after_s = dead_after_s
+        if link_rate_bps is not None and not link_rate_bps > 0:
+            raise ValueError(f"link_rate_bps must be > 0, got {link_rate_bps!r}")
+        self.link_rate = None if link_rate_bps is None else link_rate_bps / 8.0  # bytes/s
+        self.link_burst = 0.0 if self.link_rate is None else max(
+            float(WRITE_CHUNK), self.link_rate * SHAPING_BURST_S)
+        self.link_buffer_bytes = link_buffer_bytes
         self.boot_nonce = os.urandom(BOOT_NONCE_LEN)
         self._hello = encode_message(Hello(self_id, self.boot_nonce, fleet))
         self.counters: Counter[str] = Counter()
@@ -254,6 +279,9 @@ class PeerNet:
         size = HEADER_LEN + len(payload)
         if peer.queue_bytes() + size > self.max_queue_bytes:
             return self._drop(peer, "queue_full")
+        if self.link_buffer_bytes is not None and peer.pending_bytes > 0 and \
+                peer.pending_bytes + size > self.link_buffer_bytes:
+            return self._drop(peer, "link_buffer")
         peer.pending.append((message.TYPE, payload))
         peer.pending_bytes += size
         now = self.clock()
@@ -287,6 +315,11 @@ class PeerNet:
             if (peer.conn is None and peer.pending and now >= peer.next_dial_at
                     and peer.peer_id in self._addresses and self.is_member(peer.peer_id)):
                 self._dial(peer, now)
+            if peer.throttled and peer.conn is not None and not peer.conn.closed:
+                self._refill(peer, now)
+                if peer.tokens >= min(self.link_burst, WRITE_CHUNK):
+                    peer.throttled = False
+                    self._watch(peer.conn)
 
     def next_deadline(self) -> float | None:
         """When ``tick`` next has something to do (clock time), or None."""
@@ -303,6 +336,9 @@ class PeerNet:
             else:
                 times.append(conn.last_rx + self.dead_after_s)
                 times.append(conn.last_ping + self.idle_ping_s)
+                if peer.throttled and self.link_rate:
+                    need = min(self.link_burst, WRITE_CHUNK) - peer.tokens
+                    times.append(peer.token_at + max(0.0, need) / self.link_rate)
         return min(times) if times else None
 
     def stats(self, peer_id: str) -> dict[str, object]:
@@ -326,6 +362,7 @@ class PeerNet:
             "queued_messages": len(peer.pending) + (
                 sum(1 for f in conn.inflight if f[1] not in _CONTROL) if conn else 0),
             "dropped": peer.dropped,
+            "failures": peer.failures,
             "connects": peer.connects,
             "rtt_s": peer.rtt_s,
             "boot_nonce": peer.boot_nonce,
@@ -449,6 +486,7 @@ class PeerNet:
 
     def _dial_failed(self, peer: _Peer, now: float, detail: str) -> None:
         self.counters["closed.dial_failed"] += 1
+        peer.failures += 1
         log.info("dial to %s failed: %s", peer.peer_id, detail)
         self._back_off(peer, now)
 
@@ -663,6 +701,13 @@ class PeerNet:
             if not conn.outbuf:
                 break
             n = conn.retry_len or min(len(conn.outbuf), WRITE_CHUNK)
+            if peer is not None and self.link_rate is not None and not conn.retry_len:
+                self._refill(peer, now)
+                n = min(n, int(peer.tokens))
+                if n <= 0:  # the emulated link is busy: tick re-watches when it may send
+                    peer.throttled = True
+                    self._watch(conn)
+                    break
             try:
                 sent = sock.send(bytes(conn.outbuf[:n]))
             except ssl.SSLWantWriteError:
@@ -682,6 +727,8 @@ class PeerNet:
             self.counters["bytes_out"] += sent
             if peer is not None:
                 peer.bytes_out += sent
+                if self.link_rate is not None:
+                    peer.tokens -= sent
             self._written(conn, peer, sent)
 
     def _written(self, conn: _Conn, peer: _Peer | None, n: int) -> None:
@@ -696,6 +743,12 @@ class PeerNet:
                 self.counters[f"sent.{msg_type.label}"] += 1
                 if peer is not None and msg_type not in _CONTROL:
                     peer.messages_out += 1
+
+    def _refill(self, peer: _Peer, now: float) -> None:
+        assert self.link_rate is not None
+        peer.tokens = min(self.link_burst,
+                          peer.tokens + max(0.0, now - peer.token_at) * self.link_rate)
+        peer.token_at = now
 
     def _enqueue_urgent(self, peer: _Peer, message: Message) -> None:
         peer.urgent.append((message.TYPE, encode_message(message)))
@@ -721,6 +774,8 @@ class PeerNet:
         if conn.state == _OPEN and conn.peer_id is not None:
             peer = self._peers[conn.peer_id]
             has_output = has_output or bool(peer.pending or peer.urgent)
+            if peer.throttled:
+                has_output = False
         if (has_output and not conn.write_wants_read) or conn.read_wants_write:
             mask |= WRITE
         return mask
@@ -779,6 +834,9 @@ class PeerNet:
         if peer is None or peer.conn is not conn:
             return
         peer.conn = None
+        peer.throttled = False
+        if reason in ("dead", "timeout", "error") or conn.state != _OPEN:
+            peer.failures += 1
         lost = sum(1 for f in conn.inflight if f[1] not in _CONTROL)
         if lost:
             self.counters["dropped.connection_lost"] += lost
