@@ -46,6 +46,7 @@ from agent.ledger.repair import Repair, RepairRefused
 from agent.logs import EventLog, ToEventLog
 from agent.meterlink import MeterLink
 from agent.net.ordering import EtcdOrdering
+from agent.net.overlay import Overlay
 from agent.net.peers import PeerNet, tls_contexts
 from agent.net.pki import common_name, sha256_pem
 from agent.net.wire import (
@@ -71,6 +72,8 @@ from agent.node.actions import (
 )
 from agent.node.core import NodeConfig
 from agent.remotequery import QueryResult, RemoteQueries
+from agent.routing.fleet import ROUTE_METHODS, FleetRoutes
+from agent.routing.network import PACKET_BITS
 from agent.terminal import Terminal, open_node_chain, repair_node_chain
 from hal.blockdev import FileBlockDevice, open_partition
 from hal.board import Board, BoardConfigError, board_path, load_board
@@ -137,6 +140,13 @@ class Options:
     enforce_ram: bool = True
     tls_dir: Path = Path(DEFAULT_TLS_DIR)
     checkpoint_every: int | None = None  # None: the board's [ledger] checkpoint_every
+    # Live routing over the WAN mesh (agent/routing/fleet.py): a method name, or "direct"
+    # (every message straight to its destination, no relays).
+    route_method: str = "direct"
+    # Emulated WAN links (agent/net/peers.py): each peer connection shaped to this rate
+    # and buffer; None: as fast as the transport (a real WAN shapes itself).
+    wan_rate_mbit: float | None = None
+    wan_buffer_packets: int | None = None
 
 
 def parse_links(values: list[str]) -> dict[str, str]:
@@ -354,10 +364,30 @@ class Agent:
         # PeerNet reads this at each dial: a provisioning update adds the new terminals' here
         self.peer_addresses = {t: a for t, a in net.peers.items() if t != node}
         station = self.provisioning.station_id  # a client: let in, never dialled, may only ask
+        wan = self.board.wan
+        rate_mbit = self.opts.wan_rate_mbit or wan.rate_mbit_s
+        buffer_packets = self.opts.wan_buffer_packets or wan.forward_buffer_packets
+        routes = overlay = None
+        if self.opts.route_method != "direct":
+            routes = FleetRoutes(node, self._route_sites(), rate_mbit_s=rate_mbit,
+                                 buffer_packets=buffer_packets, rtt_ms=wan.rtt_ms,
+                                 route_fn=ROUTE_METHODS[self.opts.route_method],
+                                 method=self.opts.route_method)
+
+            def public_key(t: str) -> object | None:
+                info = state.terminal(t)
+                return info.verifier if info is not None and info.active else None
+
+            overlay = Overlay(node, sign=self.terminal.identity.sign, public_key=public_key,
+                              path_to=routes.path_to, first_seq=int(time.time() * 1000) << 16)
+        shaped = self.opts.wan_rate_mbit is not None
         self.network = FleetNetwork(self.terminal, ordering, lambda on_message: PeerNet(
             self.pump, node, self.provisioning.fleet, server_ctx, client_ctx, net.peers[node],
             self.peer_addresses, is_member=lambda t: state.is_active(t) or t == station,
-            on_message=on_message),
+            on_message=on_message,
+            link_rate_bps=rate_mbit * 1e6 if shaped else None,
+            link_buffer_bytes=buffer_packets * PACKET_BITS // 8 if shaped else None),
+            routes=routes, overlay=overlay, route_sites=self._route_sites,
             on_adopted=self._adopted, require_pow=self.board.ledger.pow_difficulty,
             etcd_members={t: m["name"] for t, m in net.members.items()},
             on_provisioning=self._provisioning_update,
@@ -366,6 +396,12 @@ class Agent:
         ordering.start((self.chain.height or 0) + 1)
         self.log.event("agent.network", peers=len(net.peers) - 1, etcd=list(net.etcd),
                        listen=f"{net.peers[node][0]}:{net.peers[node][1]}")
+
+    def _route_sites(self) -> dict[str, tuple[float, float]]:
+        """The active terminals' provisioned sites: the WAN mesh every terminal routes on."""
+        state = self.chain.state
+        return {t.terminal_id: t.site for t in self.provisioning.terminals
+                if state.is_active(t.terminal_id)}
 
     def _provisioning_update(self, data: bytes) -> bool:
         """The utility's newer provisioning, seen in etcd: believed when it is signed by the
@@ -419,8 +455,13 @@ class Agent:
             return requester == p.station_id or (state.is_active(requester) and requester in {
                 t.terminal_id for t in p.terminals})
 
-        return RemoteQueries(node, state, export=export, authorised=authorised,
-                             route=lambda home: (node, home))
+        def route(home: str) -> tuple[str, ...]:
+            network = self.network
+            path = None if network is None or network.routes is None \
+                else network.routes.path_to(home)
+            return path or (node, home)
+
+        return RemoteQueries(node, state, export=export, authorised=authorised, route=route)
 
     def _network_pass(self) -> None:
         """What the peers and the ordering brought since the last pass, into the node."""
@@ -869,6 +910,18 @@ def build_parser() -> argparse.ArgumentParser:
                              f"NODE.key (default {DEFAULT_TLS_DIR})")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                         help="override the board's [ledger] checkpoint_every (emulation, tests)")
+    parser.add_argument("--route-method", choices=("direct", *ROUTE_METHODS),
+                        default="direct",
+                        help="how messages between terminals travel: straight to their "
+                             "destination (direct, the default), or along the WAN mesh by the "
+                             "router's method (greedy: the paper's eq. 9; shortest, "
+                             "reliability, residual: baselines)")
+    parser.add_argument("--wan-rate-mbit", type=float, default=None, metavar="MBIT",
+                        help="emulate WAN links: shape every peer connection to this rate "
+                             "(the board's [wan] rate_mbit_s is the paper's 25)")
+    parser.add_argument("--wan-buffer-packets", type=int, default=None, metavar="M",
+                        help="an emulated link's buffer in 360-byte packets (default the "
+                             "board's [wan] forward_buffer_packets)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         default="info")
     parser.add_argument("--client-address", type=lambda s: int(s, 0),
@@ -902,7 +955,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = Options(args.board, args.node, args.flash, parse_links(args.links), args.trust,
                        args.device_key, args.format, args.log_level, args.client_address,
-                       tls_dir=args.tls_dir, checkpoint_every=args.checkpoint_every)
+                       tls_dir=args.tls_dir, checkpoint_every=args.checkpoint_every,
+                       route_method=args.route_method, wan_rate_mbit=args.wan_rate_mbit,
+                       wan_buffer_packets=args.wan_buffer_packets)
         agent = Agent(opts, argv)
     except BootError as exc:
         print(f"edgekey agent: refused to start: {exc}", file=sys.stderr)

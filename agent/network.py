@@ -8,6 +8,10 @@
     ordering candidates                   -> the first valid one per height -> Terminal.deliver
     ordering proposer                     -> ProposerChanged
     provisioning parts (etcd)             -> a complete update -> on_provisioning (the agent)
+    endorsement and hand-over messages    -> along the router's path (agent/net/overlay.py):
+                                             direct to a neighbour, else Relayed via the mesh
+    peer connection counters, etcd links/ -> FleetRoutes (agent/routing/fleet.py): measured
+                                             links, the others' reports, the paths
 
 Peer messages and ordering results are queued as they arrive (inside the
 pump's callbacks) and handed to the node core after the pump's pass, so
@@ -21,6 +25,7 @@ the console and queries say their answers may be stale.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter, deque
@@ -38,11 +43,13 @@ from agent.net import wire
 from agent.net.ordering import (
     Candidate,
     EtcdOrdering,
+    LinkReport,
     OrderingHealth,
     ProposerIs,
     ProvisioningPart,
     Submitted,
 )
+from agent.net.overlay import Deliver, Forward, Overlay
 from agent.net.peers import PeerNet
 from agent.net.provfeed import Assembler
 from agent.node import events as ev
@@ -57,6 +64,7 @@ from agent.node.actions import (
     SendKey,
     SubmitBlock,
 )
+from agent.routing.fleet import FleetRoutes
 from agent.terminal import Terminal
 
 log = logging.getLogger("edgekey.network")
@@ -69,6 +77,8 @@ GAP_RESYNC_S = 2.0
 # served in between (about 50 blocks take well under a second here).
 CANDIDATES_PER_PASS = 50
 GAP_RESYNCS_BEFORE_SNAPSHOT = 2  # a gap resyncs cannot close: etcd no longer has those blocks
+ROUTE_SAMPLE_S = 2.0  # links measured and paths recomputed this often
+LINK_REPORT_S = 5.0  # this terminal's link figures published for the others this often
 
 PEER_ACTIONS = (RequestEndorsements, SendEndorsement, RefuseEndorsement, ForwardTxs,
                 RefuseForwarded, SendKey, AcknowledgeKey, SubmitBlock)
@@ -82,7 +92,9 @@ class FleetNetwork:
                  on_adopted: Callable[[int], None] = lambda height: None,
                  require_pow: int = 0, etcd_members: dict[str, str] | None = None,
                  on_provisioning: Callable[[bytes], bool] | None = None,
-                 provisioning_issued: int = -1, station: str | None = None):
+                 provisioning_issued: int = -1, station: str | None = None,
+                 routes: FleetRoutes | None = None, overlay: Overlay | None = None,
+                 route_sites: Callable[[], dict[str, tuple[float, float]]] | None = None):
         self.terminal = terminal
         self.ordering = ordering
         self.peers = peers_factory(self._on_message)
@@ -109,6 +121,11 @@ class FleetNetwork:
         self.station = station
         self.station_inbox: list[wire.StationQuery | wire.StationRevoke | wire.StationReadings] = []
         self.provisioning_feed = Assembler(ordering.prefix, provisioning_issued)
+        # Live routing: None sends every message straight to its destination.
+        self.routes = routes
+        self.overlay = overlay
+        self.route_sites = route_sites
+        self._next_sample = self._next_report = 0.0
 
     # ------------------------------------------------------------- outward
 
@@ -151,8 +168,25 @@ class FleetNetwork:
         self._send(peer, message)
 
     def _send(self, peer: str, message: object) -> None:
+        if self.overlay is not None and peer != self.station:
+            peer, message = self.overlay.outgoing(peer, message)  # type: ignore[arg-type]
         if not self.peers.send(peer, message):  # type: ignore[arg-type]
             self.counts["peer.dropped"] += 1
+
+    def _relayed(self, peer: str, frame: wire.Relayed) -> None:
+        if self.overlay is None:
+            self.counts["refused.relayed.not_routing"] += 1
+            return
+        got = self.overlay.incoming(peer, frame)
+        if isinstance(got, Forward):
+            if not self.peers.send(got.next_hop, got.frame):
+                self.counts["relay.dropped"] += 1
+        elif isinstance(got, Deliver):
+            event = self._event(got.origin, got.message)
+            if event is not None:
+                self._inbox.append(event)
+        else:
+            log.warning("relayed frame from %s refused: %s: %s", peer, got.reason, got.detail)
 
     # -------------------------------------------------------------- inward
 
@@ -170,6 +204,9 @@ class FleetNetwork:
             return
         if isinstance(message, wire.FROM_STATION):  # a terminal never speaks for the station
             self.counts[f"refused.peer.{type(message).__name__}"] += 1
+            return
+        if isinstance(message, wire.Relayed):
+            self._relayed(peer, message)
             return
         event = self._event(peer, message)
         if event is not None:
@@ -230,6 +267,8 @@ class FleetNetwork:
                                                        f"not ordered: {item.detail}"))
             elif isinstance(item, ProvisioningPart):
                 self._provisioning_part(item)
+            elif isinstance(item, LinkReport):
+                self._link_report(item)
             elif isinstance(item, OrderingHealth):
                 self.etcd_up = item.up
                 self.initial_read = self.initial_read or item.up
@@ -423,9 +462,49 @@ class FleetNetwork:
 
     # ---------------------------------------------------------------- misc
 
+    def _link_report(self, item: LinkReport) -> None:
+        if self.routes is None:
+            return
+        try:
+            report = json.loads(item.value)
+            fresh = abs(time.time() - float(report["time"])) <= 30.0
+            links = report["links"] if fresh else {}
+            if not isinstance(links, dict):
+                raise ValueError("links is not a mapping")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.counts["links.bad_report"] += 1
+            log.warning("link report of %s unreadable: %s", item.terminal, exc)
+            return
+        self.counts["links.reports"] += 1
+        self.routes.apply_report(item.terminal, links)
+
+    def _route_tick(self) -> None:
+        routes, now = self.routes, time.monotonic()
+        if routes is None or now < self._next_sample:
+            return
+        self._next_sample = now + ROUTE_SAMPLE_S
+        if self.route_sites is not None:
+            self.set_route_sites(self.route_sites())
+        for peer in routes.neighbours():
+            try:
+                routes.observe(peer, self.peers.stats(peer), now)
+            except KeyError:
+                continue  # never connected yet: nothing measured
+        routes.refresh()
+        if now >= self._next_report:
+            self._next_report = now + LINK_REPORT_S
+            self.ordering.publish_links(json.dumps(
+                {"time": round(time.time(), 3), "links": routes.report()}).encode())
+
+    def set_route_sites(self, sites: dict[str, tuple[float, float]]) -> None:
+        """The active terminals changed (a member added or retired): a new mesh."""
+        if self.routes is not None and sites != self.routes.sites:
+            self.routes.set_sites(sites)
+
     def tick(self) -> None:
         self.peers.tick()
         self._catchup_tick()
+        self._route_tick()
 
     def next_deadline(self) -> float | None:
         return self.peers.next_deadline()

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.routing.fleet import ROUTE_METHODS
 from emulator.netns import NetnsPlan
 from emulator.netns import available as netns_available
 from tools.provision_cmd import (
@@ -63,7 +64,8 @@ STOP_ORDER = ("meters", "agent", "channel", "cable", "etcd")  # meters first, et
 START_ORDER = ("cable", "channel", "agent", "meters")
 # What of ``up``'s options the processes' command lines take (kept in fleet.json for ``add``)
 PROCESS_OPTIONS = ("latency_ms", "ber", "loss", "seed", "rate_kbyte_s", "log_level",
-                   "checkpoint_every", "reading_every", "rotate_every", "start_spread")
+                   "checkpoint_every", "reading_every", "rotate_every", "start_spread",
+                   "route_method", "wan_rate_mbit", "wan_buffer_packets")
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 PROCESS_MARK = "EDGEKEY_FLEET"  # in every child's environment: down kills only its own pids
@@ -97,6 +99,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                     help="blocks between checkpoints (default: the board's); etcd keeps the "
                          "blocks from the checkpoint before the newest on")
+    up.add_argument("--route-method", choices=("direct", *ROUTE_METHODS), default="greedy",
+                    help="how terminals' messages travel: along the WAN mesh by this router "
+                         "(greedy, the paper's eq. 9, by default; shortest, reliability, "
+                         "residual: baselines) or straight to their destination (direct)")
+    up.add_argument("--wan-rate-mbit", type=float, default=None, metavar="MBIT",
+                    help="emulate the WAN: shape every link between terminals to this rate "
+                         "(the paper's is 25); default: unshaped loopback")
+    up.add_argument("--wan-buffer-packets", type=int, default=None, metavar="M",
+                    help="an emulated link's buffer in 360-byte packets (default: the board's "
+                         "[wan] forward_buffer_packets)")
     up.add_argument("--netns", action="store_true",
                     help="each terminal in its own network namespace (needed by partition; "
                          "root only)")
@@ -168,15 +180,21 @@ def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str,
              "--trust", str(directory / "utility.pub"), "--device-key", t["device_key"],
              "--tls-dir", str(directory / "tls"), "--log-level", args.log_level,
              "--links", f"console={console_agent}", f"hplc={plc_terminal}"]
+    extra = ["--route-method", getattr(args, "route_method", None) or "direct"]
     if args.checkpoint_every is not None:
-        agent[agent.index("--links"):agent.index("--links")] = [
-            "--checkpoint-every", str(args.checkpoint_every)]
+        extra += ["--checkpoint-every", str(args.checkpoint_every)]
+    for flag, name in (("--wan-rate-mbit", "wan_rate_mbit"),
+                       ("--wan-buffer-packets", "wan_buffer_packets")):
+        if getattr(args, name, None) is not None:
+            extra += [flag, str(getattr(args, name))]
+    agent[agent.index("--links"):agent.index("--links")] = extra
     meters = [py, "-m", "emulator.meter", "--link", str(plc_meters),
               "--meters", t["meters_file"], "--state", str(directory / f"{tid}.meter-state"),
               "--reading-every", str(args.reading_every),
               "--rotate-every", str(args.rotate_every),
               "--start-spread", str(args.start_spread), "--seed", str(args.seed),
-              "--stats", str(directory / f"{tid}.meter-stats.json")]
+              "--stats", str(directory / f"{tid}.meter-stats.json"),
+              "--answers", str(directory / f"{tid}.meter-answers.jsonl")]
     cable = ["socat", f"pty,raw,echo=0,link={console}", f"pty,raw,echo=0,link={console_agent}"]
     procs = {"cable": {"cmd": cable, "wait": [str(console), str(console_agent)]},
              "channel": {"cmd": channel, "wait": [str(plc_terminal), str(plc_meters)]},

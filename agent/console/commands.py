@@ -357,9 +357,27 @@ def build_commands(agent: Agent) -> list[Command]:
         others = [t for t in agent.chain.state.active_terminals() if t != agent.opts.node]
         if not others:
             return Reply("no other terminals: a fleet of one routes nothing",
-                         {"paths": [], "terminals": 1})
-        return Reply("\n".join(f"{agent.opts.node} -> {t}: no route (no network link)"
-                               for t in others), {"paths": [], "unreachable": others})
+                         {"paths": {}, "terminals": 1})
+        network = agent.network
+        routes = None if network is None else network.routes
+        if routes is None:
+            return Reply("\n".join(f"{agent.opts.node} -> {t}: direct (--route-method direct)"
+                                   for t in others),
+                         {"method": "direct", "paths": {t: [agent.opts.node, t] for t in others}})
+        data = routes.table()
+        data["overlay"] = dict(network.overlay.counters) if network.overlay else {}
+        lines = [f"method {data['method']}, neighbours {', '.join(data['neighbours'])}; "
+                 f"eq. 8 of the measured links {data['load_balance_degree']:.4g}"]
+        lines += [f"{agent.opts.node} -> {t}: " + (" > ".join(data["paths"][t])
+                                                   if t in data["paths"] else "no route")
+                  for t in others]
+        for lk in data["links"]:
+            if lk["measured_bps"] is not None:
+                lines.append(f"link {lk['link']}: {lk['measured_bps'] / 1e3:.1f} kbit/s of "
+                             f"{lk['capacity_bps'] / 1e6:g} Mbit/s"
+                             + (", DOWN" if lk["down"] else "")
+                             + (f", delivery {lk['delivery']:.3f}" if lk["delivery"] else ""))
+        return Reply("\n".join(lines), data)
 
     def flash(args: list[str], call: Call) -> Reply:
         rows = {}

@@ -5,6 +5,8 @@ Keys under ``/edgekey/<fleet>/``:
     proposer                          the elected proposer's terminal id, under its lease
     chain/<height, 16 hex>/<name>     a candidate block (``encode_block``), created once
     provisioning/<issued>/<part>      the utility's provisioning updates (agent/net/provfeed.py)
+    links/<terminal>                  a terminal's measured WAN links, for the others' routers
+                                      (agent/routing/fleet.py; advisory, never a safety input)
 
 **One proposer, no race.** Terminals campaign for ``proposer`` with a
 compare-and-swap on its create revision under a lease (``lease_ttl_s``,
@@ -102,7 +104,19 @@ class ProvisioningPart:
     value: bytes
 
 
-OrderingEvent = Candidate | ProposerIs | Submitted | OrderingHealth | ProvisioningPart
+@dataclass(frozen=True, slots=True)
+class LinkReport:
+    """A terminal's published link measurements seen under the fleet prefix."""
+
+    terminal: str
+    value: bytes
+
+
+OrderingEvent = (Candidate | ProposerIs | Submitted | OrderingHealth | ProvisioningPart
+                 | LinkReport)
+
+
+LINKS = b"links/"
 
 
 def chain_key(prefix: bytes, height: int, name: str) -> bytes:
@@ -202,6 +216,10 @@ class EtcdOrdering:
         """Write a candidate for ``height`` (fenced by our proposership when we hold it)."""
         self._job("submit", (height, block_hash, data))
 
+    def publish_links(self, value: bytes) -> None:
+        """Put this terminal's link measurements where every terminal's watch sees them."""
+        self._job("links", value)
+
     def applied(self, height: int) -> None:
         """The runtime's chain reached ``height`` (where a resync starts from)."""
         self._applied = max(self._applied, height)
@@ -285,6 +303,9 @@ class EtcdOrdering:
             return self._proposer_seen(holder, item.mod_revision)
         if item.key.startswith(feed_prefix(self.prefix)):
             return [ProvisioningPart(item.key, item.value)] if item.kind == "put" else []
+        if item.key.startswith(self.prefix + LINKS):
+            name = item.key[len(self.prefix + LINKS):].decode("ascii", "replace")
+            return [LinkReport(name, item.value)] if item.kind == "put" else []
         height = height_of(self.prefix, item.key)
         if height is None or item.kind != "put":
             return []
@@ -321,6 +342,9 @@ class EtcdOrdering:
                     self._do_retain(arg)  # type: ignore[arg-type]
                 elif kind == "remove_member":
                     self._do_remove_member(arg)  # type: ignore[arg-type]
+                elif kind == "links":
+                    self.client.put(self.prefix + LINKS + self.terminal_id.encode(),
+                                    arg)  # type: ignore[arg-type]
                 if time.monotonic() >= next_campaign:
                     next_campaign = time.monotonic() + max(0.5, self.lease_ttl_s / 3)
                     self._probe()
