@@ -101,8 +101,9 @@ class FleetAgent(AgentProc):
     """
 
     def __init__(self, directory: Path, terminal: dict[str, Any], *, board: str,
-                 python: list[str], log_level: str):
+                 python: list[str], log_level: str, agent_args: tuple[str, ...] = ()):
         self.id: str = terminal["id"]
+        self.agent_args = agent_args  # on every start (routing method, emulated WAN)
         self.attach(directory, terminal, board=board, python=python)
         self.log_level = log_level
         self.pids: list[int] = []
@@ -115,7 +116,7 @@ class FleetAgent(AgentProc):
                 "--flash", str(self.image), "--trust", str(self.dir / "utility.pub"),
                 "--device-key", self.device_key, "--tls-dir", str(self.dir / "tls"),
                 "--log-level", self.log_level, "--links", f"console={self.console_path}",
-                f"hplc={self.link_path}", *extra]
+                f"hplc={self.link_path}", *self.agent_args, *extra]
 
     def launch(self, *extra: str) -> None:
         """Start the agent; ``wait_ready`` waits for it."""
@@ -374,7 +375,8 @@ class Fleet:
     """The provisioned fleet's processes: etcd members and agents, stopped by ``close``."""
 
     def __init__(self, directory: Path, *, terminals: int, meters: int, etcd_members: int,
-                 seed: int, python: list[str], log_level: str):
+                 seed: int, python: list[str], log_level: str,
+                 agent_args: tuple[str, ...] = ()):
         self.dir = directory
         self.seed = seed
         self.desc = provision_cmd.provision_fleet(directory, terminals=terminals, meters=meters,
@@ -383,7 +385,8 @@ class Fleet:
         self.name = directory.name
         self.members = self.desc["etcd"]["members"]
         self.agents = [FleetAgent(directory, t, board=self.desc["board"], python=python,
-                                  log_level=log_level) for t in self.desc["terminals"]]
+                                  log_level=log_level, agent_args=agent_args)
+                       for t in self.desc["terminals"]]
         self.by_id = {a.id: a for a in self.agents}
         for t in self.desc["terminals"]:
             if t.get("etcd"):
@@ -483,6 +486,8 @@ def _counters(agents: list[FleetAgent]) -> dict[str, Any]:
     """Bytes each terminal sent its peers so far, and the first terminal's height."""
     nets = {a.id: a.json("net") for a in agents}
     return {"bytes_out": {t: int(n["transport"].get("bytes_out", 0)) for t, n in nets.items()},
+            "peer_bytes_out": {t: {p: int(s.get("bytes_out", 0)) for p, s in n["peers"].items()}
+                               for t, n in nets.items()},
             "proposer": nets[agents[0].id]["proposer"],
             "height": int(agents[0].json("ledger height")["height"])}
 
@@ -521,6 +526,13 @@ def _rate(fleet: Fleet, loop: FleetLoop, rate: float, seconds: float, drain_s: f
     bar.close()
     after = _cpu(fleet, fleet.agents)  # the window ends here, before the console reads
     after |= _counters(fleet.agents)
+    tables = {a.id: a.json("route") for a in fleet.agents}
+    hops = [len(path) - 1 for t in tables.values() for path in t.get("paths", {}).values()]
+    routing = {"method": next(iter(tables.values())).get("method"),
+               "mean_hops": sum(hops) / len(hops) if hops else None,
+               "max_hops": max(hops, default=None),
+               "mesh": sorted({lk["link"] for t in tables.values() for lk in t.get("links", [])}),
+               "relayed": {t: tb.get("overlay", {}) for t, tb in tables.items()}}
     blocks = after["height"] - before["height"]
     mean_txs, sampled = _txs_per_block(fleet.agents[0], blocks)
     acked = tally.acked
@@ -531,6 +543,12 @@ def _rate(fleet: Fleet, loop: FleetLoop, rate: float, seconds: float, drain_s: f
     cpu = {t: after["cpu"][t] - before["cpu"][t] for t in before["cpu"]}
     etcd = {t: after["etcd_cpu"][t] - before["etcd_cpu"][t] for t in before["etcd_cpu"]}
     sent_bytes = {t: after["bytes_out"][t] - before["bytes_out"][t] for t in before["bytes_out"]}
+    link_bytes: Counter[str] = Counter()  # both directions of each terminal pair that talked
+    for t, peers in after["peer_bytes_out"].items():
+        for p, n in peers.items():
+            sent = n - before["peer_bytes_out"].get(t, {}).get(p, 0)
+            if sent > 0:
+                link_bytes["|".join(sorted((t, p)))] += sent
     elapsed = after["t"] - before["t"]
     per_op = (lambda x: x / acked) if acked else (lambda x: None)
     lat = _latency(tally.latencies)
@@ -566,8 +584,10 @@ def _rate(fleet: Fleet, loop: FleetLoop, rate: float, seconds: float, drain_s: f
             "per_op_per_terminal": None if not acked else sum(sent_bytes.values()) / acked
             / n_term,
             "proposer_per_op": None if not (acked and proposer) else sent_bytes[proposer]
-            / acked},
+            / acked,
+            "per_link": dict(sorted(link_bytes.items()))},
         "saturated": saturated,
+        "routing": routing,
     }
     return row, tally
 
@@ -788,7 +808,7 @@ def run(*, terminals: int = 13, meters: int = 300, etcd_members: int = 3,
         max_rate: float = MAX_RATE, seconds: float = 20.0, drain_s: float = DRAIN_S,
         catchup_blocks: int = 10_000, catchup_txs: int = 1, seed: int = 1,
         work: str | None = None, log_level: str = "info",
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, agent_args: tuple[str, ...] = ()) -> dict[str, Any]:
     if terminals < 2:
         raise ValueError("a fleet benchmark needs at least 2 terminals")
     if work is not None:
@@ -807,7 +827,7 @@ def run(*, terminals: int = 13, meters: int = 300, etcd_members: int = 3,
               "log_level": log_level, "saturation": {"committed_below_fraction":
                                                      SATURATED_FRACTION,
                                                      "p99_over_s": SATURATED_P99_S},
-              "register_offered_per_s": REGISTER_RATE}
+              "register_offered_per_s": REGISTER_RATE, "agent_args": list(agent_args)}
     result: dict[str, Any] = {
         "parameters": params,
         "machine": {"arch": platform.machine(), "python": platform.python_version(),
@@ -822,7 +842,7 @@ def run(*, terminals: int = 13, meters: int = 300, etcd_members: int = 3,
             t0 = time.monotonic()
             fleet = Fleet(directory, terminals=terminals, meters=meters,
                           etcd_members=etcd_members, seed=seed, python=[sys.executable],
-                          log_level=log_level)
+                          log_level=log_level, agent_args=agent_args)
             setup: dict[str, Any] = {"provision_s": time.monotonic() - t0}
             t0 = time.monotonic()
             fleet.start_etcd()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from hal.blockdev import FlashError
 from hal.board import BoardConfigError
@@ -126,6 +127,20 @@ def _bench_fleet(args: argparse.Namespace) -> int:
                              catchup_txs=args.catchup_txs, seed=args.seed, work=args.work,
                              log_level=args.log_level, progress=not args.no_progress)
     return _emit(result, bench_fleet.rows(result), "edgekey bench fleet", args.out)
+
+
+def _bench_live_routing(args: argparse.Namespace) -> int:
+    from tools import bench_live_routing as blr
+
+    result = blr.run(methods=tuple(args.methods.split(",")),
+                     wan_rates=tuple(float(x) for x in args.wan_rates.split(",")),
+                     terminals=args.terminals, meters=args.meters, rate=args.rate,
+                     seconds=args.seconds, seed=args.seed, buffer_packets=args.buffer_packets,
+                     progress=not args.no_progress)
+    png = blr.plot(result, Path(args.out).with_suffix(".png"))
+    status = _emit(result, blr.rows(result), "edgekey bench live-routing", args.out)
+    print(f"plot: {png}")
+    return status
 
 
 def _bench_faults(args: argparse.Namespace) -> int:
@@ -262,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--out", default="bench/results/agent.json")
     ag.set_defaults(handler=_bench_agent)
 
+    blr = bench.add_parser("live-routing", help="one fleet and load per routing method and "
+                                                "emulated WAN rate: link loads, eq. 8 and "
+                                                "commit latency measured from traffic")
+    blr.add_argument("--methods", default="greedy,shortest",
+                     help="comma-separated: greedy, shortest, reliability, residual")
+    blr.add_argument("--wan-rates", default="25", metavar="MBIT,...",
+                     help="emulated WAN link rates to run each method at (the paper's is 25)")
+    blr.add_argument("--buffer-packets", type=int, default=None,
+                     help="link buffer in 360-byte packets (default: the board's)")
+    blr.add_argument("--terminals", type=int, default=13)
+    blr.add_argument("--meters", type=int, default=300)
+    blr.add_argument("--rate", type=float, default=100.0,
+                     help="key rotations per second offered (open loop)")
+    blr.add_argument("--seconds", type=float, default=20.0)
+    blr.add_argument("--seed", type=int, default=1)
+    blr.add_argument("--no-progress", action="store_true")
+    blr.add_argument("--out", default="bench/results/live-routing.json")
+    blr.set_defaults(handler=_bench_live_routing)
     bf = bench.add_parser("fleet", help="a fleet on etcd: ops/s, commit latency beside the "
                                         "paper's Table 1, CPU and bytes per op, catch-up")
     bf.add_argument("--terminals", type=int, default=13)
