@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help='JSON list of {"id": hex, "factory_key": hex}')
     p.add_argument("--state", type=Path, help="folder of per-meter state files")
     p.add_argument("--stats", type=Path, help="JSON file of all counters, rewritten every second")
+    p.add_argument("--answers", type=Path,
+                   help="append one JSON line per answer (time, meter, op, outcome, latency)")
     p.add_argument("--reading-every", type=_seconds, default=60.0, metavar="S",
                    help="seconds between readings, 0 never (default 60)")
     p.add_argument("--rotate-every", type=_seconds, default=3600.0, metavar="S",
@@ -173,7 +175,10 @@ class Runner:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.shim = CPythonShim()
+        # line-buffered: a line is whole on disk once written, even if the process is killed
+        answers = None if args.answers is None else open(  # noqa: SIM115 (closed at exit)
+            args.answers, "a", buffering=1, encoding="utf-8")
+        self.shim = CPythonShim(answers=answers)
         self._t0 = time.monotonic()
         rng = random.Random(args.seed)
         self.bank = MeterBank(args.ca)
@@ -413,6 +418,8 @@ class Runner:
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
+        if self.shim.answers is not None:
+            self.shim.answers.close()
 
 
 def main(argv: list[str] | None = None) -> int:

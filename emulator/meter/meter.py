@@ -122,6 +122,10 @@ class Shim:
     def log(self, meter_id: bytes, event: str, detail: str) -> None:
         """Something worth a line in a log: a refusal, a bad MAC, a give-up. Default: dropped."""
 
+    def answered(self, meter_id: bytes, service: str, outcome: str, latency_ms: int) -> None:
+        """An operation's answer: ``outcome`` "ACK" or the NAK's reason, ``latency_ms`` from
+        its first request (resends included). For a run's figures; default: dropped."""
+
 
 class Operation:
     """The one request a meter has out, or has parked to start again later.
@@ -133,7 +137,7 @@ class Operation:
     """
 
     __slots__ = ("attempts", "body", "counter", "deadline_ms", "frame", "key_version",
-                 "new_key", "request_id", "retry_at_ms", "service")
+                 "new_key", "request_id", "retry_at_ms", "service", "started_ms")
 
     def __init__(self, service: int, counter: int, body: bytes, new_key: bytes = b"",
                  key_version: int = 0) -> None:
@@ -147,6 +151,7 @@ class Operation:
         self.attempts = 0
         self.deadline_ms = 0
         self.retry_at_ms = -1
+        self.started_ms = -1  # the first request of the operation (-1: not sent yet)
 
 
 def _ms(seconds: float) -> int:
@@ -347,6 +352,8 @@ class Meter:
         op.frame = encode_frame(self.meter_id, self.ca, apdu, _REQUEST_C,
                                 max_frame_bytes=self.max_frame_bytes)
         op.attempts = 1
+        if op.started_ms < 0:
+            op.started_ms = now_ms
         op.deadline_ms = now_ms + self.timeout_ms
         op.retry_at_ms = -1
         self.counters["requests"] += 1
@@ -415,6 +422,7 @@ class Meter:
             return
         now = self._now
         self.counters["acks"] += 1
+        self.shim.answered(self.meter_id, SERVICE_NAMES[service], "ACK", now - op.started_ms)
         if service == READING:
             self.counters["readings_acked"] += 1
         else:
@@ -441,6 +449,7 @@ class Meter:
         name = reason_name(reason)
         self.naks[name] = self.naks.get(name, 0) + 1
         now = self._now
+        self.shim.answered(self.meter_id, SERVICE_NAMES[op.service], name, now - op.started_ms)
         service = op.service
         if reason == REPLAYED and service != READING and counter < MAX_U64:
             self.counter = max(self.counter, counter) + 1  # above the chain's, then again

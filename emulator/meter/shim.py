@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import time
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
@@ -30,8 +32,9 @@ class CPythonShim(Shim):
     SHA-256 counter stream over the seed (repeatable, for tests and runs).
     """
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, answers: Any = None):
         self._seed = None if seed is None else hashlib.sha256(b"edgekey/meter-shim/%d" % seed)
+        self.answers = answers  # a text file: one JSON line per answer (``answered``)
         self._drawn = 0
         self._t0 = time.monotonic()
 
@@ -61,6 +64,12 @@ class CPythonShim(Shim):
     def ticks_ms(self) -> int:
         """Milliseconds since this shim was made (monotonic, never wraps)."""
         return int((time.monotonic() - self._t0) * 1000)
+
+    def answered(self, meter_id: bytes, service: str, outcome: str, latency_ms: int) -> None:
+        if self.answers is not None:
+            self.answers.write(json.dumps({"t": round(time.time(), 3), "meter": meter_id.hex(),
+                                           "op": service, "outcome": outcome,
+                                           "latency_ms": latency_ms}) + "\n")
 
     def log(self, meter_id: bytes, event: str, detail: str) -> None:
         log.info("meter %s %s: %s", meter_id.hex(), event, detail)
