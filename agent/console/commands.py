@@ -314,14 +314,19 @@ def build_commands(agent: Agent) -> list[Command]:
 
     def member_change(terminal: str, make: Any) -> Pending:
         """An operator's membership change; answered once it commits (or is refused)."""
+        return committed(make, lambda a: {"terminal": terminal, "height": a.height,
+                                          "active": agent.chain.state.active_count})
+
+    def committed(make: Any, describe: Any) -> Pending:
+        """An operator's request through the majority; answered once it commits (``describe``
+        of the acknowledgement) or is refused (an errno and the reason)."""
         from agent.node.actions import Acknowledge
 
         pending = Pending()
 
         def done(a: object) -> None:
             if isinstance(a, Acknowledge):
-                data = {"terminal": terminal, "height": a.height,
-                        "active": agent.chain.state.active_count}
+                data = describe(a)
                 pending.finish(Reply(_lines(list(data.items())), data))
             else:
                 why = a.reason.name.lower()  # type: ignore[attr-defined]
@@ -333,6 +338,17 @@ def build_commands(agent: Agent) -> list[Command]:
 
         agent.operator_request(make, done)
         return pending
+
+    def keys_migrate(args: list[str], call: Call) -> Pending:
+        """MIGRATE a meter homed here to another terminal: committed through the majority,
+        then its key handed over wrapped to the new home, which acknowledges it."""
+        from agent.node import events as ev
+
+        meter_id, to = _meter(args[0]), args[1]
+        before = agent.query(meter_id)
+        return committed(lambda rid: ev.MigrateRequest(meter_id, rid, to),
+                         lambda a: {"meter": meter_id.hex(), "from": before.home, "to": to,
+                                    "key_version": a.key_version, "height": a.height})
 
     def member_retire(args: list[str], call: Call) -> Pending:
         """Propose TERMINAL_RETIRE of a terminal the utility's provisioning withdrew."""
@@ -427,6 +443,9 @@ def build_commands(agent: Agent) -> list[Command]:
             Command("list", "meters whose keys this terminal holds", keys_list, json=True),
             Command("fetch", "a meter's key from its holder, wrapped to this terminal (only its "
                     "fingerprint is shown): keys fetch <meter hex>", keys_fetch, mandatory=1,
+                    json=True),
+            Command("migrate", "re-home a meter held here (endorsed by the majority, its key "
+                    "handed over): keys migrate <meter hex> <terminal>", keys_migrate, mandatory=2,
                     json=True),
             Command("history", "a meter's key operations on flash: keys history <meter hex>",
                     keys_history, mandatory=1, json=True),

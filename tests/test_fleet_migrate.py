@@ -1,0 +1,65 @@
+"""A meter re-homed at run time: MIGRATE through the majority, its key handed over wrapped.
+
+Three terminals on etcd, routed by the greedy over the WAN mesh. Injected:
+``keys migrate`` of a meter from its home to another terminal; then requests
+that must be refused (to itself, a meter homed elsewhere, an unknown one).
+What must hold: the MIGRATE commits on every chain; the new home holds the
+key (the same fingerprint the chain records) and the old home no longer
+does once the hand-over is acknowledged; the refusals name their reason
+and change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fleetprobe import console_json, consoles, converged, down, edgekey, wait
+
+from tools.console_client import ConsoleClient
+
+pytestmark = pytest.mark.host_only
+
+
+def test_a_migrated_meter_s_key_moves_to_its_new_home(tmp_path: Path) -> None:
+    d = tmp_path / "fmig"
+    fleet: dict = {}
+    try:
+        r = edgekey("fleet", "up", "--terminals", "3", "--meters", "12", "--dir", str(d),
+                    "--reading-every", "0", "--rotate-every", "0", "--start-spread", "1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        fleet = json.loads((d / "fleet.json").read_text())
+        urls = consoles(fleet)
+
+        def held(tid: str) -> list[str]:
+            with ConsoleClient(urls[tid], timeout=20) as c:
+                return [k["meter"] for k in console_json(c, "keys list")]
+
+        wait(lambda: len(held("ecd-00")) > 0, 60, "a meter registered at ecd-00")
+        meter = sorted(held("ecd-00"))[0]
+        with ConsoleClient(urls["ecd-00"], timeout=30) as c:
+            before = console_json(c, f"keys get {meter}")
+            moved = console_json(c, f"keys migrate {meter} ecd-01")
+            assert moved["from"] == "ecd-00" and moved["to"] == "ecd-01" and moved["height"] > 0
+            # refused, and nothing changes: to itself, not held here, unknown
+            assert c.run(f"keys migrate {meter} ecd-00").code != "OK"
+            assert c.run("keys migrate 0000deadbeef ecd-02").code != "OK"
+
+        def at_new_home() -> bool:
+            with ConsoleClient(urls["ecd-01"], timeout=20) as c:
+                got = console_json(c, f"keys get {meter}")
+            return got["home"] == "ecd-01" and bool(got["key_held_here"])
+
+        wait(at_new_home, 60, "the key held at ecd-01 under the chain's fingerprint")
+        wait(lambda: meter not in held("ecd-00"), 60, "the old home to let the key go")
+        with ConsoleClient(urls["ecd-01"], timeout=20) as c:
+            after = console_json(c, f"keys get {meter}")
+            assert after["fingerprint"] == before["fingerprint"]  # the same key, re-homed
+            assert after["key_version"] == before["key_version"]
+            # the new home may hand it on; ecd-02 now refuses to move a meter it does not hold
+        with ConsoleClient(urls["ecd-02"], timeout=30) as c:
+            assert c.run(f"keys migrate {meter} ecd-00").code != "OK"
+        converged(fleet, d, "ecd-00")
+    finally:
+        down(d, fleet)
