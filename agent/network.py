@@ -169,7 +169,8 @@ class FleetNetwork:
 
     def _send(self, peer: str, message: object) -> None:
         if self.overlay is not None and peer != self.station:
-            peer, message = self.overlay.outgoing(peer, message)  # type: ignore[arg-type]
+            peer, message = self.overlay.outgoing(peer, message,  # type: ignore[arg-type]
+                                                  time.monotonic())
         if not self.peers.send(peer, message):  # type: ignore[arg-type]
             self.counts["peer.dropped"] += 1
 
@@ -208,6 +209,8 @@ class FleetNetwork:
         if isinstance(message, wire.Relayed):
             self._relayed(peer, message)
             return
+        if self.overlay is not None and not isinstance(message, wire.Hello):
+            self.overlay.heard(peer)
         event = self._event(peer, message)
         if event is not None:
             self._inbox.append(event)

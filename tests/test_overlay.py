@@ -126,3 +126,33 @@ def test_garbage_inner_signed_by_a_member_is_refused_cleanly(inner: bytes, seq: 
         assert got.reason == "bad_inner"
     else:
         assert isinstance(got, Deliver) and got.origin == "ecd-00"
+
+
+def test_an_answer_goes_back_the_way_its_question_came() -> None:
+    dst = overlay("ecd-03", {"ecd-00": ("ecd-03", "ecd-02", "ecd-01", "ecd-00")})
+    frame = sent()
+    assert isinstance(dst.incoming("ecd-02", frame), Deliver)
+    answer = wire.EndorsementMsg(5, b"\x22" * 32, wire.Endorsement("ecd-03", b"\x09" * 64))
+    hop, back = dst.outgoing("ecd-00", answer, 1.0)
+    assert hop == "ecd-02" and back.path == tuple(reversed(PATH))  # type: ignore[union-attr]
+    dst.heard("ecd-00")  # then a question came straight: the answer goes straight back
+    assert dst.outgoing("ecd-00", answer, 2.0) == ("ecd-00", answer)
+
+
+def test_an_unanswered_relayed_request_falls_back_to_the_direct_link() -> None:
+    """Injected: a relay on the path swallows everything. Survives: after FALLBACK_S the
+    request goes straight to its destination, and stays direct for DIRECT_HOLD_S."""
+    from agent.net.overlay import DIRECT_HOLD_S, FALLBACK_S
+
+    o = overlay("ecd-00", {"ecd-03": PATH})
+    request = wire.KeyHandover(b"\x01\x02\x03", 4, b"envelope")
+    assert o.outgoing("ecd-03", request, 10.0)[0] == "ecd-01"  # relayed, then lost
+    assert o.outgoing("ecd-03", request, 10.0 + FALLBACK_S / 2)[0] == "ecd-01"
+    assert o.outgoing("ecd-03", request, 10.0 + FALLBACK_S + 0.1) == ("ecd-03", request)
+    assert o.counters["direct.fallback"] == 1
+    assert o.outgoing("ecd-03", request, 20.0)[0] == "ecd-03"
+    assert o.outgoing("ecd-03", request, 11.0 + FALLBACK_S + DIRECT_HOLD_S)[0] == "ecd-01"
+    o2 = overlay("ecd-00", {"ecd-03": PATH})
+    o2.outgoing("ecd-03", request, 10.0)
+    o2.heard("ecd-03", tuple(reversed(PATH)))  # answered: the relays work, no fallback
+    assert o2.outgoing("ecd-03", request, 10.0 + 2 * FALLBACK_S)[0] == "ecd-01"

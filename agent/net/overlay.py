@@ -14,6 +14,18 @@ it or play it again: its tampering is refused at the destination
 (``refused.<reason>``) and the origin's own retries (endorsement rounds,
 hand-over resends) go round it on the next path.
 
+Routing never costs liveness (a relay that died, a cut the router has not
+seen yet, must not stop the ledger):
+
+- **Answers retrace the question.** An endorsement, a refusal or a key
+  acknowledgement goes back along the reverse of the path the last message
+  from that terminal came by (straight back when it came straight).
+- **Unanswered requests fall back to the direct link.** A request relayed
+  to a terminal that has not been heard from since, for ``FALLBACK_S``,
+  goes straight to it, and so does everything else for it during
+  ``DIRECT_HOLD_S``: the endorsement round that timed out is asked again
+  directly, as the WAN (every terminal's own 4G link) allows.
+
 Sequence numbers start at the wall clock in milliseconds shifted left 16
 bits (the caller passes it), so a terminal that restarted keeps numbering
 above what it sent before without writing anything down. The window keeps
@@ -36,6 +48,11 @@ from agent.ledger.identity import verify_signature
 from agent.net import wire
 
 REPLAY_WINDOW = 4096  # sequence numbers below the highest seen that may still arrive once
+FALLBACK_S = 1.5  # a relayed request unanswered this long (under the 2 s round): go direct
+DIRECT_HOLD_S = 30.0  # and stays on the direct link this long
+# Answers: they go back the way the question came.
+ANSWERS = (wire.MsgType.ENDORSEMENT, wire.MsgType.ENDORSEMENT_REFUSED,
+           wire.MsgType.FORWARD_REFUSED, wire.MsgType.KEY_ACK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +115,38 @@ class Overlay:
         self._seq = int(first_seq)
         self._windows: dict[str, _Window] = {}
         self.counters: Counter[str] = Counter()
+        self._came: dict[str, tuple[str, ...]] = {}  # origin -> the way back to it
+        self._unanswered: dict[str, float] = {}  # dst -> first relayed request not answered
+        self._direct_until: dict[str, float] = {}  # dst -> on the direct link until then
 
-    def outgoing(self, dst: str, message: wire.Message) -> tuple[str, wire.Message]:
+    def heard(self, origin: str, path: tuple[str, ...] | None = None) -> None:
+        """A message from ``origin`` arrived, straight (``path`` None) or along ``path``."""
+        self._came[origin] = (self.self_id, origin) if path is None else tuple(reversed(path))
+        self._unanswered.pop(origin, None)
+
+    def outgoing(self, dst: str, message: wire.Message,
+                 now: float = 0.0) -> tuple[str, wire.Message]:
         """(the peer to hand it to, what to hand it): the message, or a Relayed frame."""
-        path = self.path_to(dst)
-        if path is None or len(path) <= 2 or message.TYPE not in wire.RELAYABLE:
+        if message.TYPE not in wire.RELAYABLE:
+            path = None
+        elif message.TYPE in ANSWERS and dst in self._came:
+            path = self._came[dst]
+        elif now < self._direct_until.get(dst, -1.0):
+            path = None
+        else:
+            path = self.path_to(dst)
+            asked = self._unanswered.get(dst)
+            if path is not None and len(path) > 2 and asked is not None \
+                    and now - asked > FALLBACK_S:
+                self._direct_until[dst] = now + DIRECT_HOLD_S
+                self._unanswered.pop(dst, None)
+                self.counters["direct.fallback"] += 1
+                path = None
+        if path is None or len(path) <= 2:
             self.counters["direct"] += 1
             return dst, message
+        if message.TYPE not in ANSWERS:
+            self._unanswered.setdefault(dst, now)
         if path[0] != self.self_id or path[-1] != dst:
             raise ValueError(f"the route to {dst} does not start here and end there: {path}")
         self._seq += 1
@@ -143,6 +185,7 @@ class Overlay:
         except wire.WireError as exc:  # signed by the origin yet malformed: its bug
             return self._refuse("bad_inner", f"from {origin}: {exc}")
         self.counters["relayed.delivered"] += 1
+        self.heard(origin, path)
         return Deliver(origin, message)
 
     def forget(self, origin: str) -> None:
