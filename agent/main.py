@@ -71,6 +71,7 @@ from agent.node.actions import (
     SubmitBlock,
 )
 from agent.node.core import NodeConfig
+from agent.rehoming import AreaPlacement
 from agent.remotequery import QueryResult, RemoteQueries
 from agent.routing.fleet import ROUTE_METHODS, FleetRoutes
 from agent.routing.network import PACKET_BITS
@@ -84,6 +85,7 @@ from hal.pump import LinkDown, Pump
 from hal.ram import RamBudget
 from hal.recordlog import LogError
 
+PLACEMENT_CHECK_S = 5.0  # the placement replica follows the chain this often
 TICK_S = 0.25  # node timers and batching: well below the 2 s endorsement round
 FLUSH_S = 1.0  # journal lines reach flash at least this often
 RECONNECT_S = 1.0  # a meter link that went down is reopened this often
@@ -185,6 +187,7 @@ class Agent:
         logging.getLogger("edgekey").setLevel(logging.INFO)
         self.pump = Pump()
         self.network: FleetNetwork | None = None
+        self.placement: AreaPlacement | None = None  # medoid reassignment, once booted
         self.operator_ids = 1 << 62  # above any meter's request ids
         self.operator_waiting: dict[int, Any] = {}
         self.readings: OrderedDict[bytes, deque[tuple[int, int, bytes]]] = OrderedDict()
@@ -269,6 +272,7 @@ class Agent:
             pow_difficulty=ledger_cfg.pow_difficulty, genesis_hash=_genesis_hash(p.genesis),
             factory_key=self.factory.get,
             authorise_member=lambda tx: self.provisioning.authorises(tx),
+            admit_join=lambda m: None if self.placement is None else self.placement.admit_join(m),
             reading_floor=lambda m: journal.ceiling(m) - 1,
             checkpoint_every=(ledger_cfg.checkpoint_every if self.opts.checkpoint_every is None
                               else self.opts.checkpoint_every))
@@ -321,6 +325,9 @@ class Agent:
         except (LedgerError, KeyStoreError, LogError) as exc:
             raise BootError(f"{self.opts.flash}: {type(exc).__name__}: {exc}") from None
         self.chain = self.terminal.chain
+        self.placement = AreaPlacement(self.opts.node, lambda: self.provisioning,
+                                       self.chain.state, migrate=self._migrate,
+                                       on_event=self._placement_event)
         self.ordering = SoloOrdering()
         if blank:
             self._run(self.terminal.deliver(p.genesis))
@@ -396,6 +403,21 @@ class Agent:
         ordering.start((self.chain.height or 0) + 1)
         self.log.event("agent.network", peers=len(net.peers) - 1, etcd=list(net.etcd),
                        listen=f"{net.peers[node][0]}:{net.peers[node][1]}")
+
+    def _migrate(self, meter_id: bytes, to: str) -> None:
+        """Placement moves a meter of this terminal to a neighbour: MIGRATE, then the key."""
+        def done(a: Acknowledge | Refuse) -> None:
+            if isinstance(a, Acknowledge):
+                self.log.event("placement.migrated", meter=meter_id, to=to, height=a.height)
+            else:
+                self.log.event("placement.migrate_refused", "warning", meter=meter_id, to=to,
+                               reason=a.reason.name, detail=a.detail)
+
+        self.operator_request(lambda rid: ev.MigrateRequest(meter_id, rid, to), done)
+
+    def _placement_event(self, kind: str, fields: dict[str, Any]) -> None:
+        level = "warning" if kind == "replan_needed" else "info"
+        self.log.event(f"placement.{kind}", level, **fields)
 
     def _route_sites(self) -> dict[str, tuple[float, float]]:
         """The active terminals' provisioned sites: the WAN mesh every terminal routes on."""
@@ -675,7 +697,7 @@ class Agent:
     # ============================================================== loop
 
     def serve(self) -> int:
-        next_tick = next_flush = time.monotonic()
+        next_tick = next_flush = next_place = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
             wake = min(next_tick, next_flush)
@@ -699,6 +721,9 @@ class Agent:
                 next_tick = now + TICK_S
                 self.feed(ev.Tick())
                 self._reconnect(now)
+                if self.placement is not None and now >= next_place:
+                    next_place = now + PLACEMENT_CHECK_S
+                    self.placement.replica()  # its site moved: an event for the log and console
                 if self.network is not None:
                     self.network.tick()
                     for to, out in self.queries.tick(_clock()):

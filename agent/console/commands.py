@@ -270,7 +270,13 @@ def build_commands(agent: Agent) -> list[Command]:
                 "cluster_planned": len(planned), "homed_on_chain": None if homed is None
                 else len(homed), "keys_held": live, "capacity": me.capacity,
                 "spare_capacity": me.capacity - live}
-        return Reply(_lines(list(data.items())), data)
+        placement = agent.placement.status() if agent.placement is not None else {}
+        data.update(placement)
+        lines = _lines([(k, v) for k, v in data.items() if k != "events"])
+        lines += "".join(f"\n{e['event']}: " + ", ".join(f"{k} {v}" for k, v in e.items()
+                                                         if k not in ("event", "t"))
+                         for e in placement.get("events", []))
+        return Reply(lines, data)
 
     def net(args: list[str], call: Call) -> Reply:
         network, node = agent.network, agent.terminal.node

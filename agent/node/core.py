@@ -136,6 +136,9 @@ class KeyPort(Protocol):
 
 
 FactoryKeys = Callable[[bytes], "bytes | None"]  # meter id -> factory key (provisioning)
+# A meter joining (a REGISTER of a meter not live on the chain): None admits it here, else
+# (Nak.NOT_HOME, detail, the home placement names) or (Nak.BUSY, detail, None) refuses it.
+JoinCheck = Callable[[bytes], "tuple[Nak, str, str | None] | None"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,8 @@ class NodeConfig:
     # Whether the utility ordered a membership change (TERMINAL_ADD of a terminal its signed
     # provisioning lists with that key; TERMINAL_RETIRE of one it withdrew). None: any.
     authorise_member: MemberAuthority | None = None
+    # Medoid reassignment (agent/rehoming.py): whether a joining meter is homed here now.
+    admit_join: JoinCheck | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.txs_per_block <= 1024:
@@ -354,6 +359,11 @@ class Node:
             if e.key_version <= entry.key_version:
                 return self._refuse(out, op.op, e.meter_id, e.request_id, Nak.STALE_VERSION,
                                     f"above {entry.key_version}")
+        verdict = self.config.admit_join(e.meter_id) if self.config.admit_join else None
+        if verdict is not None:
+            nak, detail, home = verdict
+            return self._refuse(out, op.op, e.meter_id, e.request_id, nak, detail,
+                                **({"home": home} if home else {}))
         prepared = self._prepare(op, out, lambda: self.keys.prepare_key(e.meter_id,
                                                                         e.key_version, key))
         if prepared is None:
