@@ -416,7 +416,7 @@ class Agent:
         self.operator_request(lambda rid: ev.MigrateRequest(meter_id, rid, to), done)
 
     def _placement_event(self, kind: str, fields: dict[str, Any]) -> None:
-        level = "warning" if kind == "replan_needed" else "info"
+        level = {"replan_needed": "warning", "assigned": "debug"}.get(kind, "info")
         self.log.event(f"placement.{kind}", level, **fields)
 
     def _route_sites(self) -> dict[str, tuple[float, float]]:

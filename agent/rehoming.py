@@ -128,6 +128,13 @@ class AreaPlacement:
         replica = self.replica()
         if xy is None or replica is None or meter_id in replica:
             return None  # not provisioned (the core refuses it), no replica, or already placed
+        if self.self_id in self._ids:  # the common case without a copy: nearest, with room
+            me = self._ids.index(self.self_id)
+            sites = np.array([replica.site(t) for t in range(replica.terminals)], dtype=float)
+            d = np.hypot(*(sites - np.asarray(xy, dtype=float)).T)
+            if int(np.argmin(d)) == me and len(replica.members(me)) < replica.cap:
+                self._event("assigned", meter=meter_id.hex(), xy=list(xy))
+                return None
         trial = copy.deepcopy(replica)
         events = trial.join(meter_id, xy)
         name = self._ids.__getitem__
@@ -147,7 +154,7 @@ class AreaPlacement:
         home = name(assigned.terminal)
         if home != self.self_id:
             self._event("assigned_elsewhere", meter=meter_id.hex(), xy=list(xy), home=home)
-            return (Nak.NOT_HOME, f"placement homes it at {home} (this terminal is full)", home)
+            return (Nak.NOT_HOME, f"placement homes it at {home}", home)
         if moves:
             for e in moves:
                 mid = bytes(e.meter_id)  # type: ignore[arg-type]

@@ -2,7 +2,8 @@
 
 Three terminals on etcd, routed by the greedy over the WAN mesh. Injected:
 ``keys migrate`` of a meter from its home to another terminal; then requests
-that must be refused (to itself, a meter homed elsewhere, an unknown one).
+that must be refused (to itself, a meter homed elsewhere, an unknown one);
+then three new meters join (``fleet meters join``) and two of them leave.
 What must hold: the MIGRATE commits on every chain; the new home holds the
 key (the same fingerprint the chain records) and the old home no longer
 does once the hand-over is acknowledged; the refusals name their reason
@@ -60,6 +61,31 @@ def test_a_migrated_meter_s_key_moves_to_its_new_home(tmp_path: Path) -> None:
             # the new home may hand it on; ecd-02 now refuses to move a meter it does not hold
         with ConsoleClient(urls["ecd-02"], timeout=30) as c:
             assert c.run(f"keys migrate {meter} ecd-00").code != "OK"
+        # Meters join: provisioned, published, put on the channel of the terminal that
+        # hears them, which homes them by its placement replica; then two of them leave.
+        r = edgekey("fleet", "meters", "join", "3", "--dir", str(d))
+        assert r.returncode == 0, r.stdout + r.stderr
+        joined = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("id ")]
+        assert len(joined) == 3
+
+        def registered() -> set[str]:
+            found = set()
+            for path in d.glob("*.meter-answers.jsonl"):
+                for line in path.read_text().splitlines():
+                    a = json.loads(line)
+                    if a["op"] == "register" and a["outcome"] == "ACK":
+                        found.add(a["meter"])
+            return found
+
+        wait(lambda: set(joined) <= registered(), 60, "the new meters registered")
+        r = edgekey("fleet", "meters", "leave", *joined[:2], "--dir", str(d))
+        assert r.returncode == 0 and r.stdout.count("revoked True") == 2, r.stdout + r.stderr
+        fleet = json.loads((d / "fleet.json").read_text())
+        with ConsoleClient(urls["ecd-02"], timeout=20) as c:
+            for m in joined[:2]:
+                assert console_json(c, f"keys get {m}")["answer"] == "revoked"
+            place = console_json(c, "place")
+            assert "decisions" in place and "medoid_site_xy" in place
         converged(fleet, d, "ecd-00")
     finally:
         down(d, fleet)

@@ -67,8 +67,8 @@ def test_a_full_terminal_makes_room_by_migrating_its_own_meter_first() -> None:
 def test_a_meter_placement_homes_elsewhere_is_refused_not_home_naming_it() -> None:
     p, state = fleet({b"\x0a": "ecd-00", b"\x0b": "ecd-00", b"\x0c": "ecd-01"})
     area = placement("ecd-00", p, state, [])
-    assert area.admit_join(b"\x0d") == (Nak.NOT_HOME, "placement homes it at ecd-02 "
-                                        "(this terminal is full)", "ecd-02")
+    assert area.admit_join(b"\x0d") == (Nak.NOT_HOME, "placement homes it at ecd-02",
+                                        "ecd-02")
     assert area.events[-1] == {"t": 100.0, "event": "assigned_elsewhere", "meter": "0d",
                                "xy": [1950.0, 0.0], "home": "ecd-02"}
 

@@ -138,6 +138,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p = fleet.add_parser(name, help=text)
         p.add_argument("--dir", type=Path, default=Path("out/fleet"))
         p.add_argument("ids", nargs="+", help="the terminals, e.g. ecd-03 ecd-04")
+    meters = fleet.add_parser("meters", help="meters joining and leaving the running fleet")
+    msub = meters.add_subparsers(dest="meters_cmd", metavar="ACTION", required=True)
+    mj = msub.add_parser("join", help="provision N new meters; they register at the terminal "
+                                      "that hears them, which homes them by its placement")
+    mj.add_argument("count", type=int)
+    ml = msub.add_parser("leave", help="take meters off their channel and revoke them")
+    ml.add_argument("meters", nargs="+", metavar="METER")
+    msub.add_parser("settle", help="move meters whose key migrated onto their new home's "
+                                   "channel")
+    for q in msub.choices.values():
+        q.add_argument("--dir", type=Path, default=Path("out/fleet"))
     for p in fleet.choices.values():
         p.set_defaults(handler=run)
 
@@ -155,6 +166,18 @@ def run(args: argparse.Namespace) -> int:
         return add(args.dir, etcd_member=args.etcd_member, via=args.via)
     if args.fleet_cmd == "retire":
         return retire(args.dir, args.id, via=args.via)
+    if args.fleet_cmd == "meters":
+        from tools import fleet_meters
+
+        try:
+            rows = (fleet_meters.join(args.dir, args.count) if args.meters_cmd == "join"
+                    else fleet_meters.leave(args.dir, args.meters)
+                    if args.meters_cmd == "leave" else fleet_meters.settle(args.dir))
+        except (RuntimeError, OSError) as exc:
+            print(f"edgekey fleet: {exc}", file=sys.stderr)
+            return 1
+        fleet_meters.print_rows(rows)
+        return 0
     if args.fleet_cmd in ("partition", "heal"):
         return partition(args.dir, args.ids, cut=args.fleet_cmd == "partition")
     return down(args.dir)

@@ -321,6 +321,78 @@ def add_terminal(directory: Path, *, etcd_member: bool = False,
     return entry
 
 
+def _placement(document: dict, names: list[str]) -> Any:
+    """The desk's copy of the fleet's placement: the provisioned meters at their homes."""
+    from agent.placement.rehome import Placement
+
+    index = {t: i for i, t in enumerate(names)}
+    sites = {t["id"]: t["site"] for t in document["terminals"]}
+    rows = [m for m in document["meters"] if m["home"] in index]
+    cap = min(t["capacity"] for t in document["terminals"] if t["id"] in index)
+    return Placement.from_assignment(
+        [m["id"] for m in rows], np.array([m["xy"] for m in rows], dtype=float).reshape(-1, 2),
+        np.array([index[m["home"]] for m in rows], dtype=np.int64),
+        [sites[t] for t in names], cap=max(cap, max(
+            (sum(1 for m in rows if m["home"] == t) for t in names), default=0)))
+
+
+def _heard_by(plan: Any, names: list[str], mid: bytes, point: Any) -> str:
+    """The terminal a new meter is put with: where the placement homes it (the terminal will
+    check it with its own replica), or the nearest planned site when it needs a re-plan."""
+    from agent.placement.rehome import Assigned
+
+    events = plan.join(mid.hex(), point)
+    assigned = next((e for e in events if isinstance(e, Assigned)), None)
+    if assigned is not None:
+        return names[assigned.terminal]
+    sites = np.array([plan.site(t) for t in range(plan.terminals)], dtype=float)
+    return names[int(np.argmin(np.hypot(*(sites - point).T)))]
+
+
+def add_meters(directory: Path, count: int, *, seed: int | None = None) -> list[dict]:
+    """``count`` new meters in the provisioning (amended, signed again): positions drawn in
+    the area of the meters already there (seeded), each put with the terminal the desk's copy
+    of the placement homes it at (its factory key sealed to that terminal, whose PLC hears
+    it). That terminal checks the join against its own replica, built from the chain, when
+    the meter registers (agent/rehoming.py). The new meters: id, home, xy, factory_key."""
+    from agent import provisioning as prov
+    from agent.keystore.transport import AllowList, seal_envelope
+
+    fleet = _load_fleet(directory)
+    document = _document(directory)
+    retired = set(document.get("retired", []))
+    sites = {t["id"]: t["site"] for t in document["terminals"] if t["id"] not in retired}
+    if count < 1 or not sites:
+        raise SystemExit("edgekey provision: meters to add need a count >= 1 and a terminal")
+    xy = np.array([m["xy"] for m in document["meters"]] or list(sites.values()), dtype=float)
+    low, high = xy.min(axis=0), xy.max(axis=0)
+    taken = {m["id"] for m in document["meters"]}
+    first = len(taken)
+    rng = np.random.default_rng([int(fleet["seed"]) if seed is None else seed, first])
+    allow = AllowList({t["id"].encode(): bytes.fromhex(t["transport"])
+                       for t in document["terminals"]})
+    names = sorted(sites)
+    plan = _placement(document, names)
+    out = []
+    i = first
+    while len(out) < count:
+        mid = meter_id(i)
+        i += 1
+        if mid.hex() in taken:
+            continue
+        point = rng.uniform(low, high)
+        home = _heard_by(plan, names, mid, point)
+        factory = derive(int(fleet["seed"]), f"factory {i - 1}")
+        sealed = seal_envelope(factory, meter_id=mid, key_version=prov.FACTORY_KEY_VERSION,
+                               requester_id=home.encode(), allow_list=allow)
+        row = {"id": mid.hex(), "home": home, "xy": [float(point[0]), float(point[1])],
+               "factory_key": sealed.hex()}
+        document["meters"].append(row)
+        out.append(dict(row, factory_key=factory.hex()))
+    _issue(directory, document)
+    return out
+
+
 def retire_terminal(directory: Path, tid: str) -> int:
     """Withdraw ``tid`` in the provisioning (amended, signed again): its TERMINAL_RETIRE may
     now be endorsed. The new provisioning's stamp."""
