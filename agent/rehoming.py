@@ -9,9 +9,12 @@ position the utility's provisioning records. So every terminal at the same
 height holds the same placement, and a restart loses nothing.
 
 When a meter that is not live on the chain asks this terminal to register
-it (a new meter, or one that left and came back), ``admit_join`` asks the
-replica what joining it would do (on a copy; the chain changes only when
-the register commits):
+it (a new meter, or one that left and came back), ``admit_join`` decides.
+The utility's provisioning puts every meter with a terminal (the plan's
+assignment, or for a meter added later the terminal that hears it): while
+that terminal has room, the meter is registered there, as planned.
+Otherwise the replica says what joining it would do (on a copy; the chain
+changes only when the register commits):
 
 - homed here, nobody moves: admitted, the register goes on;
 - homed here once meters of this terminal move to neighbours (a full
@@ -124,15 +127,20 @@ class AreaPlacement:
     def admit_join(self, meter_id: bytes) -> tuple[Nak, str, str | None] | None:
         """The node core's join check (``NodeConfig.admit_join``)."""
         meter_id = bytes(meter_id)
-        xy = next((m.xy for m in self.provisioning().meters if m.meter_id == meter_id), None)
+        entry = next((m for m in self.provisioning().meters if m.meter_id == meter_id), None)
         replica = self.replica()
-        if xy is None or replica is None or meter_id in replica:
+        if entry is None or replica is None or meter_id in replica:
             return None  # not provisioned (the core refuses it), no replica, or already placed
-        if self.self_id in self._ids:  # the common case without a copy: nearest, with room
+        xy = entry.xy
+        if self.self_id in self._ids:  # the common cases, without a copy
             me = self._ids.index(self.self_id)
+            room = len(replica.members(me)) < replica.cap
+            if room and entry.home == self.self_id:  # the utility put it here, and it fits
+                self._event("assigned", meter=meter_id.hex(), xy=list(xy))
+                return None
             sites = np.array([replica.site(t) for t in range(replica.terminals)], dtype=float)
             d = np.hypot(*(sites - np.asarray(xy, dtype=float)).T)
-            if int(np.argmin(d)) == me and len(replica.members(me)) < replica.cap:
+            if int(np.argmin(d)) == me and room:
                 self._event("assigned", meter=meter_id.hex(), xy=list(xy))
                 return None
         trial = copy.deepcopy(replica)

@@ -14,7 +14,12 @@ planned (Figures 4 and 5 beside the paper's variances) and meters then join
 and leave through the terminal's re-homing core, which answers with the
 migrations the ledger will have to confirm; last, the running agent: a
 fleet of one (``edgekey fleet up``) with 20 emulated meters on a PLC
-channel, its console, a kill -9 and the restart that loses nothing.
+channel, its console, a kill -9 and the restart that loses nothing; then the
+fleet on etcd with the master station (``network_step``), the greedy router
+beside shortest paths over emulated WAN links (``routing_step``), and the
+report of the run: ``OUT/report.html`` with its PNGs, ``report.md`` and the
+record they are drawn from, ``run.json`` (tools/demo_record.py collects it,
+tools/demo_report.py draws it).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -48,7 +54,9 @@ from hal.dlt698 import Control, Frame, FunctionCode, ServerAddress, encode_frame
 from hal.link import open_link
 from hal.ram import RamBudget
 from hal.recordlog import RecordLog
+from tools import demo_record
 from tools.flash_tool import create, info_lines
+from tools.report import write_json
 
 RECORDS = 2000
 RECORD_BYTES = 256
@@ -384,7 +392,8 @@ def fleet_step(out: Path, board_name: str) -> None:
 
 
 def network_step(out: Path, board_name: str, *, terminals: int = 13, meters: int = 300,
-                 seed: int = 1) -> None:
+                 seed: int = 1, run: dict | None = None, joins: int = 20,
+                 leaves: int = 10) -> dict:
     """The fleet on etcd with the master station: every meter registered at its home; keys
     fetched by the station through their home and through another terminal (forwarded),
     each with its record proof checked; readings opened end to end; a revoke through the
@@ -393,9 +402,24 @@ def network_step(out: Path, board_name: str, *, terminals: int = 13, meters: int
     import random
     import shutil
 
-    from tools import fleet, station
+    from tools import fleet, fleet_meters, station
     from tools import fleet_probe as probe
     from tools.console_client import ConsoleClient
+
+    run = {} if run is None else run
+    t0_wall = run.setdefault("t0_wall", time.time())
+
+    def since() -> float:
+        return round(time.time() - t0_wall, 3)
+
+    def station_call(what: str, call: Any, meter: str, via: str, home: str) -> dict:
+        t = time.monotonic()
+        got = call()
+        run.setdefault("station", []).append(
+            {"what": what, "meter": meter, "via": via, "home": home,
+             "status": got.get("status", "OK" if got.get("height") else "?"),
+             "proof": got.get("proof", "-"), "ms": round(1e3 * (time.monotonic() - t), 1)})
+        return got
 
     d = out / "network"
     if (d / "fleet.json").exists():
@@ -413,6 +437,7 @@ def network_step(out: Path, board_name: str, *, terminals: int = 13, meters: int
         if fleet.up(args) != 0:
             raise RuntimeError("edgekey fleet up failed")
         fl = probe.load(d)
+        run["placement"] = demo_record.placement(d)
         probe.wait(lambda: len(probe.acked(d)) == meters, 120, "every meter registered")
         voting = sum(1 for t in fl["terminals"] if t.get("etcd"))
         st = probe.statuses(fl)
@@ -430,7 +455,8 @@ def network_step(out: Path, board_name: str, *, terminals: int = 13, meters: int
         for m in picks:
             other = next(t for t in sorted(urls) if t != homes[m])
             for via in (homes[m], other):
-                got = station.fetch_key(sf, bytes.fromhex(m), via)
+                got = station_call("key", lambda m=m, via=via: station.fetch_key(
+                    sf, bytes.fromhex(m), via), m, via, homes[m])
                 kind = "its home" if via == homes[m] else f"{via}, forwarded to {homes[m]}"
                 print(f"station key {m} via {kind}: {got['status']} v{got['key_version']} "
                       f"height {got['height']}, proof {got.get('proof')}, fingerprint "
@@ -450,33 +476,114 @@ def network_step(out: Path, board_name: str, *, terminals: int = 13, meters: int
             raise RuntimeError(f"the readings did not open: {got}")
         victim = picks[-1]
         not_home = next(t for t in sorted(urls) if t != homes[victim])
-        got = station.revoke(sf, bytes.fromhex(victim), not_home)
+        got = station_call("revoke", lambda: station.revoke(sf, bytes.fromhex(victim),
+                                                            not_home),
+                           victim, not_home, homes[victim])
         print(f"station revoke {victim} asked of {not_home}: redirected to {got['via']}, "
               f"committed at height {got['height']}; its key is now "
               f"{station.fetch_key(sf, bytes.fromhex(victim), not_home)['status']}")
+        _say(f"meters join and leave: {joins} new meters homed by their terminal's placement, "
+             f"{leaves} taken away and revoked")
+        join_t = since()
+        joined = fleet_meters.join(d, joins)
+        print(f"{len(joined)} meters provisioned and published; on the channels of "
+              + ", ".join(f"{t} ({n})" for t, n in sorted(Counter(
+                  m["home"] for m in joined).items())))
+        new_ids = {m["id"] for m in joined}
+
+        def settled() -> bool:
+            fleet_meters.settle(d)  # a meter whose key migrated follows it
+            answers = demo_record.answers(d, t0_wall)
+            done = {a["meter"] for a in answers if a["op"] == "register"
+                    and a["outcome"] in ("ACK", "NOT_HOME")}
+            return new_ids <= done
+
+        probe.wait(settled, 90, "the new meters answered")
+        answers = [a for a in demo_record.answers(d, t0_wall) if a["meter"] in new_ids
+                   and a["op"] == "register"]
+        outcome = Counter(a["outcome"] for a in answers)
+        gone = sorted(set(probe.acked(d)) - new_ids - set(picks))[:leaves]
+        left = fleet_meters.leave(d, gone)
+        print(f"joins answered: {dict(outcome)}; {sum(1 for x in left if x['revoked'])} of "
+              f"{len(left)} leaving meters revoked through their homes")
+        time.sleep(6)  # the terminals' placement follows the chain every 5 s
+        events = demo_record.placement_events(d, t0_wall)
+        run["migrations"] = events["migrations"]
+        run["site_moves"] = [e for e in events["site_moves"] if e["t_s"] >= join_t]
+        run["replans"] = events["replans"]
+        run["joins"] = {"provisioned": len(joined), "answers": dict(outcome),
+                        "placed_elsewhere": events["elsewhere"], "left": left}
+        print(f"placement: {len(run['migrations'])} migrations committed to make room, "
+              f"{len(run['site_moves'])} site moves (medoids), {len(run['replans'])} re-plans "
+              f"needed, {len(events['elsewhere'])} joins sent to another terminal")
         _say("three terminals killed (kill -9, agent and etcd member) mid-stream, restarted")
         victims = sorted(rng.sample(sorted(urls), 3))
+        run["resources"] = demo_record.resources(probe.load(d), load_board(
+            board_path(board_name)).ram.agent_budget_mib)  # before the kills: whole lives
+        kills = {v: {"terminal": v, "killed_s": since()} for v in victims}
         for v in victims:
             fleet.kill(d, v)
         time.sleep(3)
         for v in victims:
             if fleet.start(d, v) != 0:
                 raise RuntimeError(f"{v} did not start again")
+            kills[v]["restarted_s"] = since()
         fl = probe.load(d)
-        probe.wait(lambda: all(x and x["synced"] for x in probe.statuses(fl).values()), 90,
-                   "every terminal current again")
+
+        def synced_now() -> bool:
+            st = probe.statuses(fl)
+            for v in victims:
+                if st.get(v) and st[v]["synced"] and "synced_s" not in kills[v]:
+                    kills[v]["synced_s"] = since()
+            return all(x and x["synced"] for x in st.values())
+
+        probe.wait(synced_now, 90, "every terminal current again")
+        run["kills"] = list(kills.values())
         probe.converged(fl, d, "ecd-00")
         found = probe.digests(fl)
         heights = probe.heights(fl)
         print(f"meters stopped: {len(found)} chains at height {max(heights.values())}, one "
               f"full-state digest {next(iter(found.values()))[:16]}...; every acknowledged "
               f"key version on the chain")
+        run["chains"] = {"terminals": len(found), "height": max(heights.values()),
+                         "digest": next(iter(found.values())), "identical": True}
     finally:
         if (d / "fleet.json").exists():
             fleet.down(d)
+        if d.exists():
+            run["commits"], run["outcomes"] = demo_record.commits_and_outcomes(
+                demo_record.answers(d, t0_wall))
+    return run
+
+
+def routing_step(run: dict, *, terminals: int, meters: int, rate: float, seconds: float,
+                 seed: int = 1) -> None:
+    """The same fleet and load routed by the greedy (eq. 9) and by shortest paths, over WAN
+    links emulated at the paper's 25 Mbit/s: per-link load, eq. 8 and commit latency, each
+    measured from the terminals' own traffic counters."""
+    from tools import bench_live_routing
+
+    result = bench_live_routing.run(methods=("greedy", "shortest"), wan_rates=(25.0,),
+                                    terminals=terminals, meters=meters, rate=rate,
+                                    seconds=seconds, seed=seed, progress=True)
+    for r in result["runs"]:
+        print(f"{r['method']:>8}: eq. 8 of the measured idle bandwidth "
+              f"{r['load_balance_degree']:.4g} (bit/s)^2, busiest link "
+              f"{100 * r['busiest_link_utilisation']:.2f} % of 25 Mbit/s, paths "
+              f"{r['mean_hops']:.2f} hops on average; commits p50 {r['commit_p50_ms']:.0f} ms, "
+              f"p99 {r['commit_p99_ms']:.0f} ms")
+    run["routing"] = demo_record.routing(result)
 
 
 def run(out: str, board: str = "host", *, quick: bool = False) -> int:
+    """The whole demo; SIGTERM unwinds like Ctrl-C, so every step's fleet is stopped."""
+    from tools.bench_fleet import _sigterm_interrupts
+
+    with _sigterm_interrupts():
+        return _run(out, board, quick=quick)
+
+
+def _run(out: str, board: str, *, quick: bool) -> int:
     b = load_board(board_path(board))
     _say(f"board {b.name}: {b.source}")
     print(f"{b.cpu.arch} {b.cpu.cores}x{b.cpu.mhz} MHz, RAM {b.ram.total_mib} MiB, "
@@ -497,8 +604,27 @@ def run(out: str, board: str = "host", *, quick: bool = False) -> int:
     _say("the running agent: a fleet of one with 20 emulated meters over a PLC channel")
     fleet_step(Path(out), board)
     n, m = (5, 40) if quick else (13, 300)
+    record: dict = {"params": {"terminals": n, "meters": m, "board": board, "seed": 1,
+                               "route_method": "greedy", "quick": quick,
+                               "reading_every_s": 4, "rotate_every_s": 8},
+                    "paper": demo_record.PAPER, "t0_wall": time.time()}
+    t0 = time.monotonic()
     _say(f"terminals together on etcd: {n} agents, {m} emulated meters, the master station")
-    network_step(Path(out), board, terminals=n, meters=m)
+    network_step(Path(out), board, terminals=n, meters=m, run=record,
+                 joins=4 if quick else 20, leaves=2 if quick else 10)
+    _say("routing: the greedy beside shortest paths, same fleet and load, measured from traffic")
+    routing_step(record, terminals=n, meters=m, rate=20.0 if quick else 100.0,
+                 seconds=8.0 if quick else 20.0)
+    record["wall_s"] = round(time.monotonic() - t0, 1)
+    _say("the report")
+    record.pop("t0_wall", None)
+    from tools import demo_report
+
+    write_json(record, Path(out) / "run.json")
+    written = demo_report.render(record, Path(out))
+    print(f"report: {written.get('html', Path(out) / 'report.html')} (and report.md, "
+          f"{sum(1 for k in written if str(written[k]).endswith('.png'))} figures); the run's "
+          f"record: {Path(out) / 'run.json'}")
     _say("RAM at the end")
     print(budget.check())
     return 0
