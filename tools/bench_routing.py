@@ -82,21 +82,10 @@ def mesh_network(n: int, seed: int) -> Any:
 
 
 def hop_diameter(network: Any) -> int:
-    """Largest breadth-first hop distance between two terminals."""
-    worst = 0
-    for src in network.nodes:
-        dist = {src: 0}
-        frontier = [src]
-        while frontier:
-            nxt = []
-            for u in frontier:
-                for w in network.neighbours(u):
-                    if w not in dist:
-                        dist[w] = dist[u] + 1
-                        nxt.append(w)
-            frontier = nxt
-        worst = max(worst, max(dist.values()))
-    return worst
+    """Largest breadth-first hop distance between two terminals (the agent's own)."""
+    from agent.routing.mesh import hop_diameter as diameter
+
+    return diameter(network)
 
 
 def time_routing(sizes: tuple[int, ...], methods: tuple[str, ...], routes: int, broadcasts: int,
