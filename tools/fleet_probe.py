@@ -254,10 +254,18 @@ def converged(fleet: dict, d: Path, asked_at: str) -> None:
     version a meter had acknowledged is on the chain (one ahead at most: a rotation that
     committed while its ACK was cut off by the stop), as ``asked_at`` reads it."""
     stop_meters(fleet)
-    wait(lambda: len(set(heights(fleet).values())) == 1, 60, "equal heights")
-    found = digests(fleet)
+    deadline = time.monotonic() + 60
+    while True:  # digests are compared only at one height, the same before and after reading
+        wait(lambda: len(set(heights(fleet).values())) == 1, 60, "equal heights")
+        before = heights(fleet)
+        found = digests(fleet)
+        if heights(fleet) == before:
+            break
+        if time.monotonic() > deadline:  # an operation still in flight kept committing
+            raise ProbeError(f"the chains never stood still: {before} then {heights(fleet)}")
+        time.sleep(1.0)
     if len(set(found.values())) != 1:
-        raise ProbeError(f"the chains differ: {found}")
+        raise ProbeError(f"the chains differ at height {next(iter(before.values()))}: {found}")
     with ConsoleClient(consoles(fleet)[asked_at]) as c:
         for m, (version, _key) in acked(d).items():
             got = console_json(c, f"keys get {m}")
