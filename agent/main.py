@@ -43,6 +43,7 @@ from agent.ledger.chain import ChainCorruptError, LedgerError
 from agent.ledger.proof import encode_record_proof
 from agent.ledger.query import query
 from agent.ledger.repair import Repair, RepairRefused
+from agent.ledger.state import MeterStatus
 from agent.logs import EventLog, ToEventLog
 from agent.meterlink import MeterLink
 from agent.net.ordering import EtcdOrdering
@@ -50,14 +51,18 @@ from agent.net.overlay import Overlay
 from agent.net.peers import PeerNet, tls_contexts
 from agent.net.pki import common_name, sha256_pem
 from agent.net.wire import (
+    MAX_PLACED,
+    MAX_PLACEMENT_EVENTS,
     MAX_READINGS,
+    PlacementAnswer,
     QueryForward,
     ReadingsAnswer,
     StationAnswer,
+    StationMigrate,
+    StationPlacement,
     StationQuery,
     StationReadings,
     StationReply,
-    StationRevoke,
 )
 from agent.network import FleetNetwork
 from agent.node import events as ev
@@ -514,11 +519,11 @@ class Agent:
             self.pump.add_fd(fd, selectors.EVENT_READ, lambda mask: None)
             self._watch_fd = fd
 
-    def _station_request(self, network: FleetNetwork,
-                         m: StationQuery | StationRevoke | StationReadings) -> None:
+    def _station_request(self, network: FleetNetwork, m: Any) -> None:
         """The master station asks through this terminal: a key (ours, or fetched from its
-        holder, wrapped to the station either way), or a revoke (this terminal must be the
-        meter's home); each answered once, on the station's connection."""
+        holder, wrapped to the station either way), a meter's readings, this terminal's
+        placement, or orders a revoke or a migration (this terminal must be the meter's
+        home); each answered once, on the station's connection."""
         station = self.provisioning.station_id
         assert station is not None
         rid = m.request_id
@@ -526,6 +531,9 @@ class Agent:
         if isinstance(m, StationReadings):
             kept = tuple(self.readings.get(m.meter_id, ()))
             network.send(station, ReadingsAnswer(rid, kept[-MAX_READINGS:]))
+            return
+        if isinstance(m, StationPlacement):
+            network.send(station, self._placement_answer(rid))
             return
         if isinstance(m, StationQuery):
             def answered(r: QueryResult) -> None:
@@ -548,7 +556,26 @@ class Agent:
                                      why.encode()[:200].decode(errors="ignore"))
             network.send(station, reply)
 
-        self.operator_request(lambda request_id: ev.OperatorRevoke(m.meter_id, request_id), done)
+        if isinstance(m, StationMigrate):
+            self.operator_request(lambda request_id: ev.MigrateRequest(
+                m.meter_id, request_id, m.new_home), done)
+        else:
+            self.operator_request(lambda request_id: ev.OperatorRevoke(m.meter_id, request_id),
+                                  done)
+
+    def _placement_answer(self, rid: int) -> PlacementAnswer:
+        """This terminal's placement for the station: medoid site, capacity, the meters the
+        chain homes here, and the newest placement events (rehoming.STATION_EVENTS)."""
+        me = self.provisioning.terminal(self.opts.node)
+        placement = self.placement
+        site = (placement.site() if placement is not None else None) or me.site
+        state = self.chain.state
+        homed = tuple(bytes(mid) for mid in state.meter_ids()
+                      if (e := state.meter(mid)) is not None and e.home == self.opts.node
+                      and e.status is MeterStatus.LIVE)[:MAX_PLACED]
+        events = [] if placement is None else placement.station_events()
+        return PlacementAnswer(rid, max(0, round(site[0] * 10)), max(0, round(site[1] * 10)),
+                               me.capacity, homed, tuple(events[-MAX_PLACEMENT_EVENTS:]))
 
     def _keep_reading(self, r: AcceptReading) -> None:
         """The newest readings as the meters sealed them, for the master station (RAM only,

@@ -44,11 +44,17 @@ from typing import Any
 import numpy as np
 
 from agent.ledger.state import LedgerState, MeterStatus
+from agent.net.wire import PlacementEvent
 from agent.node.actions import Nak
 from agent.placement import rehome
 from agent.provisioning import Provisioning
 
 MAX_EVENTS = 256  # kept for the console, newest last
+# What the station is told of (wire.PlacementEvent codes); "assigned" stays local.
+STATION_EVENTS = {"site_moved": PlacementEvent.SITE_MOVED,
+                  "replan_needed": PlacementEvent.REPLAN_NEEDED,
+                  "assigned_elsewhere": PlacementEvent.ASSIGNED_ELSEWHERE,
+                  "migrate": PlacementEvent.MIGRATE}
 
 
 class AreaPlacement:
@@ -181,6 +187,19 @@ class AreaPlacement:
         record = {"t": round(self.clock(), 3), "event": kind, **fields}
         self.events.append(record)
         self.on_event(kind, fields)
+
+    def station_events(self) -> list[tuple[int, int, bytes, str]]:
+        """The events the master station hears (wire.PlacementAnswer), oldest first."""
+        out = []
+        for e in self.events:
+            kind = STATION_EVENTS.get(e["event"])
+            if kind is None:
+                continue
+            meter = bytes.fromhex(e.get("meter", "")) or b"\x00"
+            terminal = (e.get("home") or e.get("to") or (e.get("terminals") or [None])[0]
+                        or self.self_id)
+            out.append((int(kind), int(e["t"] * 1000), meter, terminal))
+        return out
 
     def status(self) -> dict[str, Any]:
         """What the console's ``place`` adds: the medoid site, load, recent decisions."""

@@ -38,6 +38,8 @@ from agent.net.wire import (
     Message,
     MsgType,
     Ping,
+    PlacementAnswer,
+    PlacementEvent,
     Pong,
     QueryAnswer,
     QueryForward,
@@ -46,6 +48,8 @@ from agent.net.wire import (
     SnapshotChunk,
     SnapshotRequest,
     StationAnswer,
+    StationMigrate,
+    StationPlacement,
     StationQuery,
     StationReadings,
     StationReply,
@@ -153,6 +157,13 @@ STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
     Relayed: st.builds(Relayed, u64, st.lists(tids, min_size=2, max_size=MAX_PATH_HOPS,
                                               unique=True).map(tuple),
                        st.sampled_from(RELAYABLE).map(int), st.binary(max_size=300), signatures),
+    StationMigrate: st.builds(StationMigrate, u64, mids, tids),
+    StationPlacement: st.builds(StationPlacement, u64),
+    PlacementAnswer: st.builds(PlacementAnswer, u64, st.integers(0, 10**9),
+                               st.integers(0, 10**9), u16,
+                               st.lists(mids, max_size=8).map(tuple),
+                               st.lists(st.tuples(st.sampled_from(list(PlacementEvent)).map(int),
+                                                  u64, mids, tids), max_size=5).map(tuple)),
 }
 messages = st.one_of(*STRATEGIES.values())
 
@@ -184,6 +195,10 @@ def samples() -> list[Message]:
         ReadingsAnswer(6, ((3, 17, b"sealed" * 8), (3, 18, b"\x00" * 44))),
         Relayed(9, ("ecd-00", "ecd-03", "ecd-01"), MsgType.KEY_ACK, b"\x03\x01\x02\x03"
                 b"\x00\x00\x00\x04", b"\x05" * 64),
+        StationMigrate(7, b"\x01\x02\x03", "ecd-02"),
+        StationPlacement(8),
+        PlacementAnswer(8, 12_345, 67_890, 25, (b"\x01\x02\x03", b"\x04" * 6),
+                        ((PlacementEvent.SITE_MOVED, 1_700_000_000_000, b"\x04" * 6, "ecd-00"),)),
     ]
 
 
@@ -205,7 +220,7 @@ def refused(data: bytes, decoder: FrameDecoder | None = None) -> WireError:
 def test_every_message_type_is_covered_here() -> None:
     assert set(STRATEGIES) == set(MESSAGE_CLASSES.values())
     assert {type(m) for m in samples()} == set(MESSAGE_CLASSES.values())
-    assert [int(t) for t in MsgType] == list(range(1, 22))  # stable codes, none reused
+    assert [int(t) for t in MsgType] == list(range(1, 25))  # stable codes, none reused
 
 
 @given(messages)
@@ -374,7 +389,7 @@ def test_another_version_is_refused(version: int) -> None:
     assert refused(data[:3]).reason is WireFault.BAD_VERSION
 
 
-@pytest.mark.parametrize("msg_type", [0, 22, 200, 255])
+@pytest.mark.parametrize("msg_type", [0, 25, 200, 255])
 def test_an_unknown_type_is_refused_before_its_payload(msg_type: int) -> None:
     assert refused(frame(msg_type, b"")[:4]).reason is WireFault.UNKNOWN_TYPE
     with pytest.raises(WireError) as info:

@@ -507,3 +507,26 @@ def test_a_lost_hand_over_is_sent_again_until_the_new_home_acknowledges(fleet):
     assert held_key(new_home, meter(8)) == key
     assert fleet.ecd.keys.status(meter(8)) is StoreStatus.DESTROYED
     assert fleet.ecd.node.counters["handover.resent"] == 1
+
+
+# ------------------------------------------------------- medoid reassignment
+
+def test_a_join_the_placement_refuses_writes_nothing_and_names_the_home(fleet):
+    """Injected: the placement check (``NodeConfig.admit_join``) sends one joining meter to
+    another terminal and asks another to wait while room is made. Survives: both refused
+    with those reasons, no key prepared, no block; a third meter it admits registers."""
+    import dataclasses
+
+    verdicts = {METERS[0]: (Nak.NOT_HOME, "placement homes it at ecd-03", "ecd-03"),
+                METERS[1]: (Nak.BUSY, "making room: 1 meters move to neighbours first", None)}
+    node = fleet.ecd.node
+    node.config = dataclasses.replace(node.config, admit_join=verdicts.get)
+    elsewhere = fleet.send(fleet.meters[METERS[0]].register())
+    assert isinstance(elsewhere, Refuse) and elsewhere.reason is Nak.NOT_HOME
+    assert elsewhere.home == "ecd-03" and "placement" in elsewhere.detail
+    waiting = fleet.send(fleet.meters[METERS[1]].register())
+    assert isinstance(waiting, Refuse) and waiting.reason is Nak.BUSY and waiting.home is None
+    assert fleet.ecd.chain.height == 0
+    assert held_key(fleet.ecd, METERS[0]) is None and held_key(fleet.ecd, METERS[1]) is None
+    ack(fleet.send(fleet.meters[METERS[2]].register()))
+    assert fleet.ecd.chain.state.meter(METERS[2]) is not None

@@ -60,6 +60,7 @@ from agent.net.wire import (
     Hello,
     Message,
     Ping,
+    PlacementAnswer,
     Pong,
     ReadingsAnswer,
     StationAnswer,
@@ -76,7 +77,7 @@ from tools.provision_cmd import STATION
 
 DEFAULT_TIMEOUT_S = 10.0
 _Ask = StationQuery | StationReadings | StationRevoke
-_Reply = TypeVar("_Reply", StationAnswer, ReadingsAnswer, StationReply)
+_Reply = TypeVar("_Reply", StationAnswer, ReadingsAnswer, StationReply, PlacementAnswer)
 
 
 class StationError(Exception):
@@ -187,8 +188,12 @@ class StationLink:
 
     def ask(self, request: type[_Ask], meter_id: bytes, answer: type[_Reply]) -> _Reply:
         """Send ``request`` about ``meter_id``; its ``answer`` (matched by request id)."""
+        return self.exchange(lambda rid: request(rid, meter_id), answer)
+
+    def exchange(self, make: Any, answer: type[_Reply]) -> _Reply:
+        """Send ``make(request_id)``; the ``answer`` that carries the same request id."""
         rid = int.from_bytes(os.urandom(8), "big") >> 1
-        self._send(request(rid, meter_id))
+        self._send(make(rid))
         got = self._next(lambda m: isinstance(m, answer) and m.request_id == rid)
         assert isinstance(got, answer)
         return got
@@ -351,7 +356,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rv = cmds.add_parser("revoke", help="revoke a meter's key through its home terminal")
     rv.add_argument("meters", nargs="+", metavar="METER")
     rv.add_argument("--via", default=None)
-    for p in (st, key, rd, rv):
+    pl = cmds.add_parser("place", help="each terminal's placement: site (medoid), capacity, "
+                                       "meters homed, what its placement raised")
+    pl.add_argument("terminals", nargs="*", metavar="TERMINAL", help="default: every one")
+    rp = cmds.add_parser("replan", help="re-plan an area: its meters assigned again to its "
+                                        "terminals (capacitated), the moves committed as "
+                                        "migrations through their homes")
+    rp.add_argument("terminals", nargs="+", metavar="TERMINAL")
+    for p in (st, key, rd, rv, pl, rp):
         p.set_defaults(handler=run)
 
 
@@ -365,9 +377,30 @@ def _meter(text: str) -> bytes:
     return meter
 
 
+def _place(args: argparse.Namespace, fleet: Fleet) -> int:
+    from tools import station_place
+
+    if args.station_cmd == "replan":
+        out = station_place.replan(fleet, args.terminals, args.timeout)
+        rows = [out] if args.json else [
+            {k: v for k, v in out.items() if k != "moves"}, *out["moves"]]
+        status = 0 if not out["not_placed"] and all(m["ok"] for m in out["moves"]) else 1
+    else:
+        rows = [station_place.placement(fleet, t, args.timeout)
+                for t in (args.terminals or fleet.terminals())]
+        status = 0
+    for row in rows:
+        print(json.dumps(row, sort_keys=True) if args.json else
+              "  ".join(f"{k} {v}" for k, v in row.items() if k != "meters")
+              + (f"  meters {len(row['meters'])}" if "meters" in row else ""))
+    return status
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         fleet = Fleet.load(args.dir)
+        if args.station_cmd in ("place", "replan"):
+            return _place(args, fleet)
         via = args.via or fleet.terminals()[0]
         worst = 0
         for text in args.meters:

@@ -49,8 +49,14 @@ then UTF-8)::
     20 ReadingsAnswer    request_id:u64 count:u16(0..64)
                          (key_version:u32 counter:u64 sealed:b16(1..1024))*count
                                                             (terminal -> station)
-    21 Relayed           origin:tid dst:tid seq:u64 hops:u8(2..16) tid*hops
+    21 Relayed           seq:u64 hops:u8(2..16) tid*hops
                          inner_type:u8(2..8) inner:len32 signature:64
+    22 StationMigrate    request_id:u64 mid new_home:tid    (station -> terminal)
+    23 StationPlacement  request_id:u64                     (station -> terminal)
+    24 PlacementAnswer   request_id:u64 site_x_dm:u32 site_y_dm:u32 capacity:u16
+                         count:u16(0..4096) mid*count
+                         events:u8(0..32) (kind:u8 t_ms:u64 mid terminal:s8)*events
+                                                            (terminal -> station)
 
 The master station speaks 15-18 with a terminal (a StationQuery is answered
 with a StationAnswer: the key sealed to the station and the record proof of
@@ -108,6 +114,9 @@ MAX_READINGS = 64  # readings of one meter in one ReadingsAnswer
 MAX_SEALED = 1024  # one sealed reading (agent/node/reading.py: 512 B of data at most)
 MAX_FORWARD_TXS = MAX_TXS_PER_BLOCK
 MAX_CHUNK_DATA = 1024 * 1024
+MAX_PLACED = 4096  # meters one terminal reports homed on it (a board's capacity is far less)
+MAX_PLACEMENT_EVENTS = 32
+MAX_SITE_DM = 10**9  # a site's coordinate in decimetres: up to 100,000 km
 BOOT_NONCE_LEN = 8
 
 U8_MAX = 2**8 - 1
@@ -140,6 +149,9 @@ class MsgType(enum.IntEnum):
     STATION_READINGS = 19
     READINGS_ANSWER = 20
     RELAYED = 21
+    STATION_MIGRATE = 22
+    STATION_PLACEMENT = 23
+    PLACEMENT_ANSWER = 24
 
     @property
     def label(self) -> str:
@@ -682,6 +694,140 @@ class StationRevoke(_StationAsk):
 
 
 @dataclass(frozen=True, slots=True)
+class StationMigrate:
+    """The master station orders ``meter_id`` re-homed at ``new_home`` (an area re-plan),
+    through its home terminal; answered with a StationReply once committed or refused."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATION_MIGRATE
+    request_id: int
+    meter_id: bytes
+    new_home: str
+
+    def __post_init__(self) -> None:
+        _need_int(self, "request_id", 0, U64_MAX)
+        _need_mid(self, "meter_id")
+        _need_tid(self, "new_home")
+
+    def _write(self, w: Writer) -> None:
+        w.u64(self.request_id)
+        w.meter_id(self.meter_id)
+        w.terminal_id(self.new_home)
+
+    @classmethod
+    def _read(cls, r: Reader) -> StationMigrate:
+        return cls(r.u64("request_id"), r.meter_id("meter_id"), r.terminal_id("new_home"))
+
+
+@dataclass(frozen=True, slots=True)
+class StationPlacement:
+    """The master station asks a terminal for its placement: answered with PlacementAnswer."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATION_PLACEMENT
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _need_int(self, "request_id", 0, U64_MAX)
+
+    def _write(self, w: Writer) -> None:
+        w.u64(self.request_id)
+
+    @classmethod
+    def _read(cls, r: Reader) -> StationPlacement:
+        return cls(r.u64("request_id"))
+
+
+class PlacementEvent(enum.IntEnum):
+    """What a terminal's placement raised (agent/rehoming.py); stable wire codes."""
+
+    SITE_MOVED = 1  # its site (the medoid of its meters) moved; ``terminal`` is itself
+    REPLAN_NEEDED = 2  # a join had no bounded repair; ``terminal`` the nearest of the area
+    ASSIGNED_ELSEWHERE = 3  # a joining meter was sent to ``terminal``
+    MIGRATE = 4  # it moved one of its meters to ``terminal`` to make room
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementAnswer:
+    """A terminal's placement for the station: its site (the medoid, in decimetres), its
+    capacity, the meters the chain homes on it, and what its placement raised lately
+    (``events``: (kind, time in ms since the epoch, meter, terminal), oldest first)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PLACEMENT_ANSWER
+    request_id: int
+    site_x_dm: int
+    site_y_dm: int
+    capacity: int
+    meters: tuple[bytes, ...]
+    events: tuple[tuple[int, int, bytes, str], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "meters", tuple(self.meters))
+        object.__setattr__(self, "events", tuple(tuple(e) for e in self.events))
+        _need_int(self, "request_id", 0, U64_MAX)
+        _need_int(self, "site_x_dm", 0, MAX_SITE_DM)
+        _need_int(self, "site_y_dm", 0, MAX_SITE_DM)
+        _need_int(self, "capacity", 0, U16_MAX)
+        if len(self.meters) > MAX_PLACED:
+            raise _fail(self, "meters", f"{len(self.meters)} over the cap of {MAX_PLACED}")
+        for m in self.meters:
+            why = check_meter_id(m)
+            if why is not None:
+                raise _fail(self, "meters", why)
+        if len(self.events) > MAX_PLACEMENT_EVENTS:
+            raise _fail(self, "events", f"{len(self.events)} over the cap of "
+                                        f"{MAX_PLACEMENT_EVENTS}")
+        for e in self.events:
+            if len(e) != 4 or e[0] not in PlacementEvent._value2member_map_ or \
+                    not _is_int(e[1], 0, U64_MAX) or check_meter_id(e[2]) is not None or \
+                    not isinstance(e[3], str) or not e[3] or len(e[3].encode()) > U8_MAX:
+                raise _fail(self, "events", f"bad event {e!r:.80}")
+
+    def _write(self, w: Writer) -> None:
+        w.u64(self.request_id)
+        w.u32(self.site_x_dm)
+        w.u32(self.site_y_dm)
+        w.u16(self.capacity)
+        w.u16(len(self.meters))
+        for m in self.meters:
+            w.meter_id(m)
+        w.u8(len(self.events))
+        for kind, t_ms, m, terminal in self.events:
+            w.u8(kind)
+            w.u64(t_ms)
+            w.meter_id(m)
+            _write_s8(w, terminal)
+
+    @classmethod
+    def _read(cls, r: Reader) -> PlacementAnswer:
+        request_id = r.u64("request_id")
+        xs = []
+        for name in ("site_x_dm", "site_y_dm"):
+            at = r.offset
+            v = r.u32(name)
+            if v > MAX_SITE_DM:
+                raise r.fail(name, f"{v} over {MAX_SITE_DM}", at)
+            xs.append(v)
+        capacity = r.u16("capacity")
+        at = r.offset
+        n = r.u16("meters.count")
+        if n > MAX_PLACED:
+            raise r.fail("meters.count", f"{n} over the cap of {MAX_PLACED}", at)
+        meters = tuple(r.meter_id(f"meters[{i}]") for i in range(n))
+        at = r.offset
+        k = r.u8("events.count")
+        if k > MAX_PLACEMENT_EVENTS:
+            raise r.fail("events.count", f"{k} over the cap of {MAX_PLACEMENT_EVENTS}", at)
+        events = []
+        for i in range(k):
+            at = r.offset
+            kind = r.u8(f"events[{i}].kind")
+            if kind not in PlacementEvent._value2member_map_:
+                raise r.fail(f"events[{i}].kind", f"unknown kind {kind}", at)
+            events.append((kind, r.u64(f"events[{i}].t_ms"), r.meter_id(f"events[{i}].meter"),
+                           _read_s8(r, f"events[{i}].terminal", 1, U8_MAX)))
+        return cls(request_id, xs[0], xs[1], capacity, meters, tuple(events))
+
+
+@dataclass(frozen=True, slots=True)
 class StationReply:
     """The terminal's answer to a station order: committed at ``height``, or refused with
     the node core's ``nak`` (agent.node.actions.Nak) and the ledger's reason (0: none)."""
@@ -901,20 +1047,22 @@ def relayed_signed(seq: int, path: tuple[str, ...], inner_type: int, inner: byte
 Message = (Hello | EndorseRequest | EndorsementMsg | EndorsementRefusedMsg | ForwardTxs
            | ForwardRefused | KeyHandover | KeyAck | QueryForward | QueryAnswer
            | SnapshotRequest | SnapshotChunk | Ping | Pong | StationQuery | StationRevoke
-           | StationReply | StationAnswer | StationReadings | ReadingsAnswer | Relayed)
+           | StationReply | StationAnswer | StationReadings | ReadingsAnswer | Relayed
+           | StationMigrate | StationPlacement | PlacementAnswer)
 
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, EndorseRequest, EndorsementMsg, EndorsementRefusedMsg,
                               ForwardTxs, ForwardRefused, KeyHandover, KeyAck, QueryForward,
                               QueryAnswer, SnapshotRequest, SnapshotChunk, Ping, Pong,
                               StationQuery, StationRevoke, StationReply, StationAnswer,
-                              StationReadings, ReadingsAnswer, Relayed)
+                              StationReadings, ReadingsAnswer, Relayed, StationMigrate,
+                              StationPlacement, PlacementAnswer)
 }
 
 # What the master station may send a terminal, and what a terminal may send the station
 # besides the control messages (agent/network.py refuses anything else across the line).
-FROM_STATION = (StationQuery, StationRevoke, StationReadings)
-TO_STATION = (StationAnswer, StationReply, ReadingsAnswer)
+FROM_STATION = (StationQuery, StationRevoke, StationReadings, StationMigrate, StationPlacement)
+TO_STATION = (StationAnswer, StationReply, ReadingsAnswer, PlacementAnswer)
 
 
 # -------------------------------------------------------------------- payloads
