@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # pyright, MicroPython's WebAssembly port and micropython-unix-stubs for the meter code's checks
 MPY_STAMP := $(or $(EDGEKEY_CACHE),$(HOME)/.cache/edgekey)/micropython/.installed
 
-.PHONY: setup test test-host test-arm lint demo bench bench-arm clean
+.PHONY: setup test test-host test-arm test-agent-qemu lint demo bench bench-arm clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,13 @@ test-host: $(STAMP) $(MPY_STAMP)
 test-arm: $(STAMP)
 	emulator/qemu/run-arm-tests.sh
 
-test: lint test-host test-arm
+# The agent itself under qemu-arm-static (armhf python3 on the cached root filesystem),
+# driven from the host over its console and hplc ptys: the runtime tests with --target qemu.
+test-agent-qemu: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --target qemu tests/test_agent_runtime.py \
+	    tests/test_fleet_mixed.py
+
+test: lint test-host test-arm test-agent-qemu
 
 demo: $(STAMP)
 	$(VENV)/bin/edgekey demo

@@ -28,6 +28,34 @@ def _interrupted(signum: int, frame: object) -> None:
 signal.signal(signal.SIGTERM, _interrupted)
 
 
+# Where the integration tests' agent runs (``--target``): ``host``, this machine's python;
+# ``qemu``, Debian's armhf python3 under qemu-arm-static on the cached root filesystem
+# (emulator/qemu/arm-python.sh), the bench and the emulated meters on the host; ``hil``, a
+# real terminal on serial ports, which these tests cannot drive yet (skipped, saying so).
+TARGETS = ("host", "qemu", "hil")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--target", choices=TARGETS, default="host",
+                     help="where the agent under test runs: host, qemu (armhf under "
+                          "qemu-arm-static) or hil (a real terminal)")
+
+
+@pytest.fixture(scope="session")
+def agent_python(pytestconfig: pytest.Config) -> list[str]:
+    """The command that runs ``python`` for the agent under test, for the chosen target."""
+    import sys
+
+    target = pytestconfig.getoption("--target")
+    if target == "qemu":
+        from tools.bench_agent import ARM_PYTHON
+
+        return list(ARM_PYTHON)
+    if target == "hil":
+        pytest.skip("--target hil: driving a real terminal over --port is not built yet")
+    return [sys.executable]
+
+
 # The etcd tests' cluster (3 members, TLS, client auth), one per test module, and a client of
 # it; imported lazily, so the other tests never load the etcd client.
 @pytest.fixture(scope="module")

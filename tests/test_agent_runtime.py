@@ -25,8 +25,8 @@ pytestmark = pytest.mark.host_only
 
 
 @pytest.fixture
-def agent(tmp_path: Path):
-    a = AgentProc(tmp_path)
+def agent(tmp_path: Path, agent_python: list[str]):
+    a = AgentProc(tmp_path, python=agent_python)
     try:
         yield a
     finally:
@@ -198,8 +198,8 @@ def test_refusals_leave_the_image_untouched(agent, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def running_agent(tmp_path_factory):
-    a = AgentProc(tmp_path_factory.mktemp("fuzz"), meters=2)
+def running_agent(tmp_path_factory, agent_python):
+    a = AgentProc(tmp_path_factory.mktemp("fuzz"), meters=2, python=agent_python)
     try:
         a.start("--format")
         yield a
@@ -240,3 +240,21 @@ def test_a_console_whose_far_end_went_away_is_not_watched_and_the_agent_does_not
     assert used < 0.5, f"the agent used {used:.2f} s of CPU in 2 s with its console gone"
     assert isinstance(m.request(m.keys.rotate()), mp.AckAnswer)
     assert '"event":"console.lost"' in agent.stderr()
+
+
+def test_the_agent_runs_where_the_target_says(agent, pytestconfig):
+    """``--target qemu`` must mean the agent process is the armhf python3 under
+    qemu-arm-static, not the host's; ``host`` the host's interpreter."""
+    import os
+
+    agent.start("--format")
+    exe = os.readlink(f"/proc/{agent.proc.pid}/exe")
+    with open(f"/proc/{agent.proc.pid}/cmdline", "rb") as f:
+        cmdline = f.read().split(b"\0")
+    if pytestconfig.getoption("--target") == "qemu":
+        assert exe.endswith("qemu-arm-static"), exe
+        assert any(b"armhf-rootfs-" in a and a.endswith(b"/usr/bin/python3")
+                   for a in cmdline), cmdline  # Debian's armhf interpreter
+    else:
+        assert "qemu" not in exe, exe
+    assert agent.console_json("ledger height")["height"] == 0

@@ -65,7 +65,7 @@ START_ORDER = ("cable", "channel", "agent", "meters")
 # What of ``up``'s options the processes' command lines take (kept in fleet.json for ``add``)
 PROCESS_OPTIONS = ("latency_ms", "ber", "loss", "seed", "rate_kbyte_s", "log_level",
                    "checkpoint_every", "reading_every", "rotate_every", "start_spread",
-                   "route_method", "wan_rate_mbit", "wan_buffer_packets")
+                   "route_method", "wan_rate_mbit", "wan_buffer_packets", "arm")
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 PROCESS_MARK = "EDGEKEY_FLEET"  # in every child's environment: down kills only its own pids
@@ -109,6 +109,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--wan-buffer-packets", type=int, default=None, metavar="M",
                     help="an emulated link's buffer in 360-byte packets (default: the board's "
                          "[wan] forward_buffer_packets)")
+    up.add_argument("--arm", default="", metavar="ID,...",
+                    help="terminals whose agent runs as armhf under qemu-arm-static "
+                         "(Debian's python3 on the cached root filesystem): a mixed fleet")
     up.add_argument("--netns", action="store_true",
                     help="each terminal in its own network namespace (needed by partition; "
                          "root only)")
@@ -199,7 +202,10 @@ def _commands(directory: Path, t: dict, args: argparse.Namespace, board: str,
                "--ready", str(directory / f"{tid}.channel-ready.json")]
     if args.rate_kbyte_s is not None:
         channel += ["--rate-kbyte-s", str(args.rate_kbyte_s)]
-    agent = [py, "-m", "agent", "--board", board, "--node", tid, "--flash", t["flash"],
+    arm = tid in str(getattr(args, "arm", "") or "").split(",")
+    agent_py = [str(Path(__file__).resolve().parents[1] / "emulator/qemu/arm-python.sh")] \
+        if arm else [py]
+    agent = [*agent_py, "-m", "agent", "--board", board, "--node", tid, "--flash", t["flash"],
              "--trust", str(directory / "utility.pub"), "--device-key", t["device_key"],
              "--tls-dir", str(directory / "tls"), "--log-level", args.log_level,
              "--links", f"console={console_agent}", f"hplc={plc_terminal}"]
