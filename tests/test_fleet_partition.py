@@ -5,8 +5,9 @@ its own network namespace on one bridge; ``fleet partition`` takes the
 veth links of ecd-02 (which hosts an etcd voting member) and ecd-04 down.
 Injected: the cut, for about six seconds, while every meter keeps rotating.
 
-What must hold: the minority side commits nothing (its heights stay where
-they were, and no meter homed there hears an acknowledgement) while the
+What must hold: the minority side commits nothing (its heights never pass
+the highest height ordered before the cut, and while they stay where they
+were no meter homed there hears an acknowledgement) while the
 majority side keeps committing; after ``fleet heal`` the minority catches
 up, and once the meters stop all five chains have one full-state digest and
 every acknowledged key version is on the chain. ``fleet down`` removes the
@@ -58,9 +59,14 @@ def test_the_minority_side_commits_nothing_and_everything_converges_after_healin
         cut_acked = acked(d, MINORITY)
         time.sleep(6.0)
         during = heights(fleet)
-        for t in MINORITY:  # survives: nothing committed on the minority side
-            assert during[t] == cut_heights[t], (t, cut_heights, during)
-        assert acked(d, MINORITY) == cut_acked
+        # Survives: nothing committed on the minority side. A minority terminal that lagged
+        # at the cut may still apply blocks the majority had ordered before it (its etcd
+        # member or its watch had them), never one above the highest height at the cut.
+        ordered_before = max(cut_heights.values())
+        for t in MINORITY:
+            assert cut_heights[t] <= during[t] <= ordered_before, (t, cut_heights, during)
+        if all(during[t] == cut_heights[t] for t in MINORITY):
+            assert acked(d, MINORITY) == cut_acked  # and no meter there heard a new ACK
         majority = [t for t in during if t not in MINORITY]
         assert min(during[t] - cut_heights[t] for t in majority) > 3, (cut_heights, during)
         with ConsoleClient(consoles(fleet)[MINORITY[0]]) as c:
