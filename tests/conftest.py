@@ -33,6 +33,20 @@ signal.signal(signal.SIGTERM, _interrupted)
 # (emulator/qemu/arm-python.sh), the bench and the emulated meters on the host; ``hil``, a
 # real terminal on serial ports, which these tests cannot drive yet (skipped, saying so).
 TARGETS = ("host", "qemu", "hil")
+ARM_MEM_LIMIT = "512M"  # the PL terminal's RAM (board_configs/pl-terminal.toml)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The emulated agents' memory cgroups (arm-python.sh) go with the session."""
+    import glob
+
+    for cg in glob.glob("/sys/fs/cgroup/memory/**/edgekey-arm-*", recursive=True):
+        try:
+            with open(os.path.join(cg, "cgroup.procs")) as f:
+                if not f.read().strip():
+                    os.rmdir(cg)
+        except OSError:
+            pass  # still in use, or gone
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,6 +64,8 @@ def agent_python(pytestconfig: pytest.Config) -> list[str]:
     if target == "qemu":
         from tools.bench_agent import ARM_PYTHON
 
+        # the board's RAM, as a memory cgroup around each emulated agent (arm-python.sh)
+        os.environ["EDGEKEY_ARM_MEM_LIMIT"] = ARM_MEM_LIMIT
         return list(ARM_PYTHON)
     if target == "hil":
         pytest.skip("--target hil: driving a real terminal over --port is not built yet")

@@ -255,6 +255,14 @@ def test_the_agent_runs_where_the_target_says(agent, pytestconfig):
         assert exe.endswith("qemu-arm-static"), exe
         assert any(b"armhf-rootfs-" in a and a.endswith(b"/usr/bin/python3")
                    for a in cmdline), cmdline  # Debian's armhf interpreter
+        with open(f"/proc/{agent.proc.pid}/cgroup") as f:  # inside the board's 512 MB
+            memory = next((line.split(":", 2)[2].strip() for line in f
+                           if line.split(":")[1] == "memory"), "")
+        limit = f"/sys/fs/cgroup/memory{memory}/memory.limit_in_bytes"
+        if "edgekey-arm-" in memory:
+            assert int(Path(limit).read_text()) == 512 * 2**20, limit
+        else:  # no memory cgroup here: the resident set is checked instead
+            assert agent.console_json("mem")["rss_bytes"] < 512 * 2**20
     else:
         assert "qemu" not in exe, exe
     assert agent.console_json("ledger height")["height"] == 0

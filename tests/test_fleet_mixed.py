@@ -21,9 +21,11 @@ from tools.console_client import ConsoleClient
 pytestmark = pytest.mark.host_only
 
 
-def test_an_arm_terminal_among_host_ones_keeps_one_ledger(tmp_path: Path, pytestconfig) -> None:
+def test_an_arm_terminal_among_host_ones_keeps_one_ledger(tmp_path: Path, pytestconfig,
+                                                           request) -> None:
     if pytestconfig.getoption("--target") != "qemu":
         pytest.skip("the mixed fleet runs with --target qemu (make test-agent-qemu)")
+    request.getfixturevalue("agent_python")  # the board's 512 MB around the ARM agent
     d = tmp_path / "fx"
     fleet: dict = {}
     try:
@@ -35,6 +37,11 @@ def test_an_arm_terminal_among_host_ones_keeps_one_ledger(tmp_path: Path, pytest
         arm = next(t for t in fleet["terminals"] if t["id"] == "ecd-02")
         pid = arm["processes"]["agent"]["pid"]
         assert os.readlink(f"/proc/{pid}/exe").endswith("qemu-arm-static")
+        with open(f"/proc/{pid}/cgroup") as f:
+            memory = next(x.split(":", 2)[2].strip() for x in f if x.split(":")[1] == "memory")
+        if "edgekey-arm-" in memory:  # where memory cgroups exist, the limit is the board's
+            limit = Path(f"/sys/fs/cgroup/memory{memory}/memory.limit_in_bytes")
+            assert int(limit.read_text()) == 512 * 2**20
         wait(lambda: len(acked(d)) == 15, 120, "every meter registered, ecd-02's too")
         with ConsoleClient(consoles(fleet)["ecd-02"], timeout=30) as c:
             mem = console_json(c, "mem")

@@ -30,6 +30,29 @@ mkdir -p "$scratch/tmp"
 unset_python_vars=()
 for v in $(compgen -e | grep '^PYTHON' || true); do unset_python_vars+=(-u "$v"); done
 
+# The board's RAM as a hard limit (EDGEKEY_ARM_MEM_LIMIT, e.g. 512M): qemu-user ignores
+# RLIMIT_AS and ulimit -v stops it from starting (../shared/notes/qemu-armhf.md), so the
+# emulated process goes into a memory cgroup (v1) of its own under ours, and is OOM-killed
+# past the limit. Empty ones left by earlier runs are removed first; the test session
+# removes its own at the end (tests/conftest.py). Without a writable memory cgroup the
+# limit is not applied and a line says so; the tests then check RSS themselves.
+if [ -n "${EDGEKEY_ARM_MEM_LIMIT:-}" ]; then
+    own=$(grep -E '^[0-9]+:memory:' /proc/self/cgroup | cut -d: -f3 || true)
+    base=/sys/fs/cgroup/memory${own%/}
+    if [ -n "$own" ] && [ -w "$base" ]; then
+        for old in "$base"/edgekey-arm-*; do
+            [ -d "$old" ] && [ -z "$(cat "$old/cgroup.procs" 2>/dev/null)" ] \
+                && rmdir "$old" 2>/dev/null || true
+        done
+        cg=$base/edgekey-arm-$$
+        mkdir -p "$cg"
+        echo "$EDGEKEY_ARM_MEM_LIMIT" > "$cg/memory.limit_in_bytes"
+        echo $$ > "$cg/cgroup.procs"
+    else
+        echo "arm-python: no writable memory cgroup: $EDGEKEY_ARM_MEM_LIMIT not enforced" >&2
+    fi
+fi
+
 cd "$checkout"
 exec env "${unset_python_vars[@]}" \
     PYTHONPATH="$checkout" PYTHONNOUSERSITE=1 PYTHONUTF8=1 LC_ALL=C.UTF-8 \
