@@ -64,7 +64,7 @@ from agent.node.actions import (
     SendKey,
     SubmitBlock,
 )
-from agent.routing.fleet import FleetRoutes
+from agent.routing.fleet import REPORT_MAX_AGE_S, FleetRoutes
 from agent.terminal import Terminal
 
 log = logging.getLogger("edgekey.network")
@@ -470,7 +470,7 @@ class FleetNetwork:
             return
         try:
             report = json.loads(item.value)
-            fresh = abs(time.time() - float(report["time"])) <= 30.0
+            fresh = abs(time.time() - float(report["time"])) <= REPORT_MAX_AGE_S
             links = report["links"] if fresh else {}
             if not isinstance(links, dict):
                 raise ValueError("links is not a mapping")

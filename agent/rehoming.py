@@ -77,6 +77,8 @@ class AreaPlacement:
         self._replica: rehome.Placement | None = None
         self._ids: list[str] = []
         self._moving: set[bytes] = set()  # migrations this terminal proposed, not yet on chain
+        self._entries: dict[bytes, Any] = {}  # the provisioning's meters by id, per issue
+        self._entries_issued = -1
 
     # ----------------------------------------------------------- the replica
 
@@ -100,7 +102,10 @@ class AreaPlacement:
         index = {t: i for i, t in enumerate(self._ids)}
         sites = [next(t.site for t in active if t.terminal_id == tid) for tid in self._ids]
         cap = min((t.capacity for t in active), default=1)
-        where = {m.meter_id: m.xy for m in p.meters}
+        if self._entries_issued != p.issued_ms:  # the meters change only with the provisioning
+            self._entries = {m.meter_id: m for m in p.meters}
+            self._entries_issued = p.issued_ms
+        where = self._entries
         ids, points, assign = [], [], []
         for meter_id in self.state.meter_ids():
             entry = self.state.meter(meter_id)
@@ -108,7 +113,7 @@ class AreaPlacement:
                     or entry.home not in index or meter_id not in where):
                 continue
             ids.append(bytes(meter_id))
-            points.append(where[meter_id])
+            points.append(where[meter_id].xy)
             assign.append(index[entry.home])
         self._moving = {m for m in self._moving
                         if (e := self.state.meter(m)) is not None and e.home == self.self_id}
@@ -133,8 +138,8 @@ class AreaPlacement:
     def admit_join(self, meter_id: bytes) -> tuple[Nak, str, str | None] | None:
         """The node core's join check (``NodeConfig.admit_join``)."""
         meter_id = bytes(meter_id)
-        entry = next((m for m in self.provisioning().meters if m.meter_id == meter_id), None)
         replica = self.replica()
+        entry = self._entries.get(meter_id)
         if entry is None or replica is None or meter_id in replica:
             return None  # not provisioned (the core refuses it), no replica, or already placed
         xy = entry.xy
