@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -322,7 +323,9 @@ def test_any_bytes_decode_alike_and_never_raise(data, chunks):
 def test_feed_keeps_the_buffer_bounded_and_finds_frames_after_garbage():
     dec = mf.FrameDecoder(max_frame_bytes=256)
     frame = mf.encode_frame(METER_A, 1, b"hello", mf.control_byte(False, False))
-    junk = bytes(b for b in os.urandom(20000) if b != 0x68)
+    # seeded; no start byte (0x68) and no wake-up byte (0xFE), which the decoder counts
+    # apart from garbage (a run of them right before the real preamble made this flaky)
+    junk = bytes(b for b in random.Random(7).randbytes(20000) if b not in (0x68, 0xFE))
     # a header that passes HCS but claims a body that never comes, then an idle line
     stuck = frame[:12]
     got = dec.feed(junk + b"\xfe\xfe" + frame + stuck)
