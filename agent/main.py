@@ -154,6 +154,9 @@ class Options:
     # and buffer; None: as fast as the transport (a real WAN shapes itself).
     wan_rate_mbit: float | None = None
     wan_buffer_packets: int | None = None
+    # Unattended first boot (the board's init system): lay the genesis only if the ledger
+    # partition is blank, boot as usual otherwise.
+    format_if_blank: bool = False
 
 
 def parse_links(values: list[str]) -> dict[str, str]:
@@ -218,9 +221,9 @@ class Agent:
     def _open_flash(self) -> None:
         fl = self.board.flash
         path = self.opts.flash
-        if not path.is_file():
+        if not (path.is_file() or path.is_block_device()):
             raise BootError(f"flash image {path} does not exist (edgekey flash create makes one)")
-        size = path.stat().st_size
+        size = _flash_size(path)
         if size != fl.size_bytes:
             raise BootError(f"flash image {path} is {size} bytes; board {self.board.name} has "
                             f"{fl.size_bytes} bytes of flash: wrong board or not an image")
@@ -309,7 +312,7 @@ class Agent:
             raise BootError(f"{self.opts.flash}: {type(exc).__name__}: {exc}") from None
         st = chain.log.stats()
         blank = st.used_segments == 0
-        if blank and not self.opts.format:
+        if blank and not (self.opts.format or self.opts.format_if_blank):
             raise BootError(f"{self.opts.flash}: the ledger partition is blank; start once with "
                             "--format to lay down the fleet's genesis")
         if not blank and self.opts.format:
@@ -930,6 +933,12 @@ class Agent:
         self.device.close()
 
 
+def _flash_size(path: Path) -> int:
+    """An image file's length or a flash device's (/dev/vda on the QEMU board): the end."""
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
 def _genesis_hash(block: Block) -> bytes:
     return header_hash(block.header)
 
@@ -957,6 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", action="store_true",
                         help="lay the fleet's genesis on a blank ledger partition (refused when "
                              "it holds data)")
+    parser.add_argument("--format-if-blank", action="store_true",
+                        help="lay the genesis only if the ledger partition is blank, else boot "
+                             "as usual (a board's unattended first boot)")
     parser.add_argument("--tls-dir", type=Path, default=Path(DEFAULT_TLS_DIR),
                         help="the fleet CA and this terminal's certificate: ca.crt, NODE.crt, "
                              f"NODE.key (default {DEFAULT_TLS_DIR})")
@@ -1009,7 +1021,8 @@ def main(argv: list[str] | None = None) -> int:
                        args.device_key, args.format, args.log_level, args.client_address,
                        tls_dir=args.tls_dir, checkpoint_every=args.checkpoint_every,
                        route_method=args.route_method, wan_rate_mbit=args.wan_rate_mbit,
-                       wan_buffer_packets=args.wan_buffer_packets)
+                       wan_buffer_packets=args.wan_buffer_packets,
+                       format_if_blank=args.format_if_blank)
         agent = Agent(opts, argv)
     except BootError as exc:
         print(f"edgekey agent: refused to start: {exc}", file=sys.stderr)

@@ -3,7 +3,11 @@
 # emulated-ARM test tier runs in: Debian's own armhf python3, cryptography,
 # numpy, pyserial, pytest and hypothesis, the terminal's real builds.
 #
-#   emulator/qemu/build-rootfs.sh [DIR]
+#   emulator/qemu/build-rootfs.sh [--board] [DIR]
+#
+# --board adds what the system-mode board boots (build-board.sh): Debian's
+# armmp kernel and its modules, busybox-static for the initramfs and init,
+# rauc and dbus for signed A/B updates on the terminal, util-linux's losetup.
 #
 # Without DIR the root filesystem is cached outside the checkout, so it
 # survives between CI runs made from fresh clones:
@@ -23,6 +27,7 @@ set -euo pipefail
 SUITE=bookworm
 PACKAGES=(python3 python3-cryptography python3-numpy python3-serial python3-pytest
           python3-hypothesis python3-tqdm python3-etcd3gw etcd-server)
+BOARD_PACKAGES=(linux-image-armmp busybox-static rauc dbus mount)
 STAMP_REL=etc/edgekey-rootfs   # inside the rootfs: marks a finished build
 
 log() { echo "build-rootfs: $*" >&2; }
@@ -32,18 +37,25 @@ for tool in mmdebstrap qemu-arm-static flock sha256sum; do
     command -v "$tool" >/dev/null || die "$tool not found (run tools/setup-host.sh as root)"
 done
 
+flavour=armhf-rootfs
+if [ "${1:-}" = "--board" ]; then
+    shift
+    flavour=armhf-board-rootfs
+    PACKAGES+=("${BOARD_PACKAGES[@]}")
+fi
+
 self="${BASH_SOURCE[0]}"
 key=$( { printf '%s\n' "$SUITE" "${PACKAGES[@]}"; cat "$self"; } | sha256sum | cut -c1-12)
 
 if [ $# -gt 1 ]; then
-    echo "usage: $0 [DIR]" >&2
+    echo "usage: $0 [--board] [DIR]" >&2
     exit 2
 fi
 if [ $# -eq 1 ]; then
     dest=$1
 else
     cache=${EDGEKEY_CACHE:-${XDG_CACHE_HOME:-${HOME:?is unset: set EDGEKEY_CACHE}/.cache}/edgekey}
-    dest=$cache/armhf-rootfs-$key
+    dest=$cache/$flavour-$key
 fi
 parent=$(dirname "$dest")
 mkdir -p "$parent"
@@ -60,19 +72,19 @@ fi
 
 # One build at a time per cache directory; under the lock any temporary
 # directory left behind is from a build that died, and can go.
-exec 9>"$parent/.armhf-rootfs.lock"
+exec 9>"$parent/.$flavour.lock"
 flock 9
 if is_ours "$dest"; then         # someone else finished it while we waited
     log "cached: $dest"
     echo "$dest"
     exit 0
 fi
-rm -rf --one-file-system "$parent"/.armhf-rootfs-*.tmp.*
+rm -rf --one-file-system "$parent"/."$flavour"-*.tmp.*
 if [ -e "$dest" ] && ! [ -f "$dest/$STAMP_REL" ]; then
     die "$dest exists and is not a root filesystem built by this script; remove it or pick another DIR"
 fi
 
-work=$(mktemp -d "$parent/.armhf-rootfs-$key.tmp.XXXXXX")
+work=$(mktemp -d "$parent/.$flavour-$key.tmp.XXXXXX")
 cleanup() { rm -rf --one-file-system "$work"; }
 trap cleanup EXIT
 trap 'exit 130' INT
