@@ -17,7 +17,8 @@ from hal.recordlog import RecordLog
 
 
 def add_parser(sub: argparse._SubParsersAction, handler: Callable) -> None:
-    flash = sub.add_parser("flash", help="flash images: create, format, info").add_subparsers(
+    flash = sub.add_parser("flash", help="flash images: create, format, info; RAUC install, "
+                                         "status, boot").add_subparsers(
         dest="flash_cmd", metavar="SUBCOMMAND", required=True)
     for name, text in (("create", "a new sparse image of the board's flash size"),
                        ("format", "erase a partition's free segments for a record log"),
@@ -29,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction, handler: Callable) -> None:
             p.add_argument("--partition", action="append", default=None,
                            help="partition to format (repeatable; default: ledger)")
         p.set_defaults(handler=handler)
+    from tools import flash_update
+
+    flash_update.add_parsers(flash, handler)
 
 
 def _open(image: Path, board: Board) -> FileBlockDevice:
@@ -62,6 +66,10 @@ def info_lines(image: Path, board: Board) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tools import flash_update
+
+    if args.flash_cmd in flash_update.COMMANDS:
+        return flash_update.run(args)
     board = load_board(board_path(args.board))
     if args.flash_cmd == "create":
         create(args.image, board)
