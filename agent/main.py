@@ -27,6 +27,7 @@ import os
 import selectors
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ from agent.remotequery import QueryResult, RemoteQueries
 from agent.routing.fleet import ROUTE_METHODS, FleetRoutes
 from agent.routing.network import PACKET_BITS
 from agent.terminal import Terminal, open_node_chain, repair_node_chain
+from agent.update import Updater
 from hal.blockdev import FileBlockDevice, open_partition
 from hal.board import Board, BoardConfigError, board_path, load_board
 from hal.devicekey import DeviceKeyFileError, load_device_key
@@ -189,6 +191,10 @@ class Agent:
         self.ram = RamBudget.from_board(self.board)
         self.ram_limit = self.ram.enforce() if opts.enforce_ram else None
         self._open_flash()
+        run_dir = os.environ.get("EDGEKEY_RUN_DIR")  # the board's /run/edgekey
+        self.updater = Updater(opts.flash, self.board,
+                               Path(run_dir or tempfile.gettempdir()) / f"edgekey-{opts.node}",
+                               Path(run_dir) / "rauc" / "service.log" if run_dir else None)
         self.log = EventLog(opts.node, journal=self.journal, level=opts.log_level)
         self._log_handler = ToEventLog(self.log)
         logging.getLogger("edgekey").addHandler(self._log_handler)

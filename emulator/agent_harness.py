@@ -41,7 +41,65 @@ PROMPT = b"edgekey:~$ "
 CLIENT = 0x01
 
 
-class AgentProc:
+class ConsoleSpeaker:
+    """Speaks the agent's console protocol on a file descriptor (a pty master, a serial
+    port's): a command line in, its body and status line out. ``AgentProc`` (a process on
+    our ptys), ``SerialTerminal`` (a terminal on serial ports: the QEMU board's, or real
+    hardware's) share it."""
+
+    console_m: int
+    _console_buf: bytearray
+
+    def console(self, line: str, timeout: float = 20.0) -> tuple[str, str]:
+        """Run one console line; (body, status line)."""
+        os.write(self.console_m, line.encode() + b"\r")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            buf = b"\r\n" + bytes(self._console_buf)  # a status line may open the buffer
+            for status in (b"\r\nOK\r\n", b"\r\nERR "):
+                i = buf.find(status)
+                if i >= 0:
+                    end = buf.find(PROMPT, i)
+                    if end >= 0:
+                        body = buf[2:i].decode() if i >= 2 else ""
+                        status_line = buf[i + 2:end].decode().strip()
+                        del self._console_buf[:end - 2 + len(PROMPT)]
+                        body = body.split(PROMPT.decode())[-1]
+                        lines = [x for x in body.split("\r\n") if x != line]
+                        return "\n".join(lines).strip("\n"), status_line
+            r, _, _ = select.select([self.console_m], [], [], 0.2)
+            if r:
+                self._console_buf += os.read(self.console_m, 65536)
+        raise TimeoutError(f"console: no status for {line!r}; read {bytes(self._console_buf)!r}")
+
+    def resync(self, timeout: float = 20.0) -> None:
+        """Skip whatever the console still has to say (answers to junk): send a unique unknown
+        command and read up to its ENOEXEC and the prompt after it."""
+        self._resyncs = getattr(self, "_resyncs", 0) + 1
+        token = f"resync{self._resyncs}"
+        os.write(self.console_m, b"\x03\x15" + token.encode() + b"\r")
+        mark = f"{token}: command not found".encode()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            i = self._console_buf.find(mark)
+            if i >= 0:
+                end = self._console_buf.find(PROMPT, i)
+                if end >= 0:
+                    del self._console_buf[:end + len(PROMPT)]
+                    return
+            r, _, _ = select.select([self.console_m], [], [], 0.2)
+            if r:
+                self._console_buf += os.read(self.console_m, 65536)
+        raise TimeoutError(f"console: no answer to {token}")
+
+    def console_json(self, line: str) -> object:
+        body, status = self.console(line + " --json")
+        assert status == "OK", (line, body, status)
+        return json.loads(body.strip().splitlines()[-1])
+
+
+
+class AgentProc(ConsoleSpeaker):
     def __init__(self, directory: Path, *, meters: int = 8, board: str = "host", seed: int = 3,
                  hplc: str | None = None, python: list[str] | None = None):
         self.fleet = provision_fleet(directory, terminals=1, meters=meters, board_name=board,
@@ -103,55 +161,6 @@ class AgentProc:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text() if self.stderr_path.exists() else ""
-
-    # -- console
-
-    def console(self, line: str, timeout: float = 20.0) -> tuple[str, str]:
-        """Run one console line; (body, status line)."""
-        os.write(self.console_m, line.encode() + b"\r")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            buf = b"\r\n" + bytes(self._console_buf)  # a status line may open the buffer
-            for status in (b"\r\nOK\r\n", b"\r\nERR "):
-                i = buf.find(status)
-                if i >= 0:
-                    end = buf.find(PROMPT, i)
-                    if end >= 0:
-                        body = buf[2:i].decode() if i >= 2 else ""
-                        status_line = buf[i + 2:end].decode().strip()
-                        del self._console_buf[:end - 2 + len(PROMPT)]
-                        body = body.split(PROMPT.decode())[-1]
-                        lines = [x for x in body.split("\r\n") if x != line]
-                        return "\n".join(lines).strip("\n"), status_line
-            r, _, _ = select.select([self.console_m], [], [], 0.2)
-            if r:
-                self._console_buf += os.read(self.console_m, 65536)
-        raise TimeoutError(f"console: no status for {line!r}; read {bytes(self._console_buf)!r}")
-
-    def resync(self, timeout: float = 20.0) -> None:
-        """Skip whatever the console still has to say (answers to junk): send a unique unknown
-        command and read up to its ENOEXEC and the prompt after it."""
-        self._resyncs = getattr(self, "_resyncs", 0) + 1
-        token = f"resync{self._resyncs}"
-        os.write(self.console_m, b"\x03\x15" + token.encode() + b"\r")
-        mark = f"{token}: command not found".encode()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            i = self._console_buf.find(mark)
-            if i >= 0:
-                end = self._console_buf.find(PROMPT, i)
-                if end >= 0:
-                    del self._console_buf[:end + len(PROMPT)]
-                    return
-            r, _, _ = select.select([self.console_m], [], [], 0.2)
-            if r:
-                self._console_buf += os.read(self.console_m, 65536)
-        raise TimeoutError(f"console: no answer to {token}")
-
-    def console_json(self, line: str) -> object:
-        body, status = self.console(line + " --json")
-        assert status == "OK", (line, body, status)
-        return json.loads(body.strip().splitlines()[-1])
 
     # -- process
 

@@ -44,8 +44,10 @@ def build_board() -> Path:
 
 
 def identity_archive(dest: Path, node: str, trust: Path, device_key: Path,
-                     tls_dir: Path | None) -> Path:
-    """The terminal's identity as a gzip'd newc cpio of /identity/..., for the initramfs."""
+                     tls_dir: Path | None, update_ca: Path | None = None) -> Path:
+    """The terminal's identity as a gzip'd newc cpio of /identity/..., for the initramfs:
+    what a real terminal keeps in its secure storage (node id, device key) and its
+    factory configuration (the utility's key, the fleet's TLS files and update CA)."""
     stage = dest.with_suffix(".d")
     shutil.rmtree(stage, ignore_errors=True)
     ident = stage / "identity"
@@ -54,6 +56,8 @@ def identity_archive(dest: Path, node: str, trust: Path, device_key: Path,
     shutil.copy(trust, ident / "utility.pub")
     shutil.copy(device_key, ident / "device.key")
     os.chmod(ident / "device.key", 0o600)
+    if update_ca is not None:
+        shutil.copy(update_ca, ident / "update-ca.crt")
     if tls_dir is not None and tls_dir.is_dir():
         shutil.copytree(tls_dir, ident / "tls")
     names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
@@ -70,7 +74,7 @@ class BoardVM:
     """One booted board (module docstring). Use as a context manager, or call ``stop``."""
 
     def __init__(self, board_dir: Path, flash: Path, identity: Path, work: Path, *,
-                 smp: int = 2, extra_append: str = ""):
+                 smp: int = 2, extra_append: str = "", share: Path | None = None):
         self.board_dir, self.flash, self.work = board_dir, flash, work
         work.mkdir(parents=True, exist_ok=True)
         self.initrd = work / "initrd-with-identity.cpio.gz"
@@ -90,6 +94,9 @@ class BoardVM:
             "-drive", f"file={flash},if=none,id=fl,format=raw",
             "-device", "virtio-blk-device,drive=fl,serial=flash",
         ]
+        if share is not None:  # the field engineer's update medium, read-only at /mnt/update
+            self.cmd += ["-fsdev", f"local,id=upd,path={share},security_model=none,readonly=on",
+                         "-device", "virtio-9p-device,fsdev=upd,mount_tag=update"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.ptys: dict[str, str] = {}
         self.started = 0.0

@@ -31,7 +31,9 @@ signal.signal(signal.SIGTERM, _interrupted)
 # Where the integration tests' agent runs (``--target``): ``host``, this machine's python;
 # ``qemu``, Debian's armhf python3 under qemu-arm-static on the cached root filesystem
 # (emulator/qemu/arm-python.sh), the bench and the emulated meters on the host; ``hil``, a
-# real terminal on serial ports, which these tests cannot drive yet (skipped, saying so).
+# real terminal on serial ports (tests/test_hil.py: ``--port``, ``--link-port``, ``--meters``),
+# or without ``--port`` the system-mode QEMU board on its pty UARTs. The tests that start
+# the agent themselves (AgentProc) skip under hil: a terminal runs its own agent.
 TARGETS = ("host", "qemu", "hil")
 ARM_MEM_LIMIT = "512M"  # the PL terminal's RAM (board_configs/pl-terminal.toml)
 
@@ -52,7 +54,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--target", choices=TARGETS, default="host",
                      help="where the agent under test runs: host, qemu (armhf under "
-                          "qemu-arm-static) or hil (a real terminal)")
+                          "qemu-arm-static) or hil (a real terminal, or the QEMU board)")
+    parser.addoption("--port", default=None,
+                     help="hil: the terminal's console serial port (pyserial URL, e.g. "
+                          "/dev/ttyUSB0); without it the QEMU board is booted")
+    parser.addoption("--link-port", default=None,
+                     help="hil: the serial port of the terminal's meter link (its HPLC modem "
+                          "or RS-485 adapter)")
+    parser.addoption("--meters", default=None,
+                     help="hil: the terminal's provisioned meters (edgekey provision's "
+                          "<node>.meters.json: id and factory key of each)")
+    parser.addoption("--baud", type=int, default=115200, help="hil: console baud rate")
+    parser.addoption("--link-baud", type=int, default=115200, help="hil: meter link baud rate")
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +81,8 @@ def agent_python(pytestconfig: pytest.Config) -> list[str]:
         os.environ["EDGEKEY_ARM_MEM_LIMIT"] = ARM_MEM_LIMIT
         return list(ARM_PYTHON)
     if target == "hil":
-        pytest.skip("--target hil: driving a real terminal over --port is not built yet")
+        pytest.skip("--target hil: a terminal runs its own agent; tests/test_hil.py drives "
+                    "it over its serial ports")
     return [sys.executable]
 
 

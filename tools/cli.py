@@ -189,11 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "desk tools for boards, flash images, benchmarks and the demo.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    board = sub.add_parser("board", help="board configs").add_subparsers(
-        dest="board_cmd", metavar="SUBCOMMAND", required=True)
-    check = board.add_parser("check", help="validate board files (name or path)")
-    check.add_argument("boards", nargs="+", metavar="BOARD")
-    check.set_defaults(handler=_board_check)
+    from tools import board_cmd
+
+    board_cmd.add_parser(sub, _board_check)
 
     bench = sub.add_parser("bench", help="benchmarks: JSON plus a printed table").add_subparsers(
         dest="bench_cmd", metavar="SUITE", required=True)
@@ -351,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tools import flash_tool
 
     flash_tool.add_parser(sub, _flash)
+
+    from tools import image_build
+
+    image_build.add_parser(sub)
 
     from tools import fleet, provision_cmd, station
 

@@ -440,6 +440,39 @@ def build_commands(agent: Agent) -> list[Command]:
         agent.log.event("agent.reboot", source="console")
         return Reply("rebooting")
 
+    def update_status(args: list[str], call: Call) -> Reply:
+        try:
+            data = agent.updater.status()
+        except (OSError, ValueError) as exc:  # the boot partition unreadable: say so
+            raise CommandError("EIO", f"boot state: {exc}") from None
+        text = "\n".join(data["lines"])
+        inst = data.get("install")
+        if inst:
+            text += (f"\ninstall of {inst['bundle']}: {inst['state']}"
+                     + (f" in {inst['seconds']} s" if inst["seconds"] is not None else "")
+                     + (f": {inst['last']}" if inst["last"] else ""))
+            text += "".join(f"\n  rauc: {line}" for line in inst.get("service", []))
+        return Reply(text, data)
+
+    def update_install(args: list[str], call: Call) -> Reply:
+        from agent.update import UpdateRefused
+        try:
+            inst = agent.updater.start(args[0])
+        except UpdateRefused as exc:
+            raise CommandError("EPERM", str(exc)) from None
+        agent.log.event("update.install", bundle=args[0], pid=inst.proc.pid)
+        return Reply(f"installing {args[0]} (rauc pid {inst.proc.pid}); see update status",
+                     {"bundle": args[0], "pid": inst.proc.pid})
+
+    def update_reboot(args: list[str], call: Call) -> Reply:
+        from agent.update import REBOOT_BOARD_STATUS
+        inst = agent.updater.install
+        if inst is not None and inst.poll() is None:
+            raise CommandError("EBUSY", f"an install of {inst.bundle} is running")
+        agent.request_stop(REBOOT_BOARD_STATUS)
+        agent.log.event("agent.reboot_board", source="console")
+        return Reply("rebooting the board")
+
     return [
         Command("status", "node, chain, keys, links and RAM at a glance", status, json=True),
         Command("board", "the board this agent runs on", board, json=True),
@@ -486,4 +519,12 @@ def build_commands(agent: Agent) -> list[Command]:
         Command("mem", "RAM use against the board's budget", mem, json=True),
         Command("log", "the newest log lines: log [-n N]", log_, optional=2, json=True),
         Command("reboot", "stop cleanly and start again", reboot),
+        Command("update", "signed A/B updates (RAUC)", subcommands=(
+            Command("status", "the A/B boot state and the last install", update_status,
+                    json=True),
+            Command("install", "install a RAUC bundle into the inactive slot: update install "
+                    "<file>", update_install, mandatory=1, json=True),
+            Command("reboot", "reboot the board into the slot its bootloader chooses",
+                    update_reboot),
+        )),
     ]

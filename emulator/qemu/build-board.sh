@@ -30,7 +30,7 @@ done
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 checkout=$(cd "$here/../.." && pwd -P)
 rootfs=$(bash "$here/build-rootfs.sh" --board | tail -n1)
-MODULES=(virtio_mmio virtio_blk virtio_console crc32c_generic ext4 loop squashfs)
+MODULES=(virtio_mmio virtio_blk virtio_console crc32c_generic ext4 loop squashfs 9pnet_virtio 9p)
 
 key=$( { basename "$rootfs"; printf '%s\n' "${MODULES[@]}"; cat "${BASH_SOURCE[0]}";
          cd "$checkout" && find emulator/qemu/board hal board_configs -type f -name '*[!c]' \
@@ -98,15 +98,20 @@ cp -al "$rootfs" "$sysd"
 rm -rf "$sysd/boot" "$sysd/lib/modules" "$sysd/usr/share/doc" "$sysd/usr/share/man" \
        "$sysd/usr/share/locale" "$sysd/etc/edgekey-rootfs"
 mkdir -p "$sysd/sbin" "$sysd/opt/edgekey" "$sysd/run" "$sysd/tmp" "$sysd/proc" "$sysd/sys" \
-         "$sysd/dev" "$sysd/var/lib/rauc"
+         "$sysd/dev" "$sysd/mnt/update"
 ln -sf /bin/busybox "$sysd/sbin/init"
 ln -sf /bin/busybox "$sysd/bin/sh"
-rm -f "$sysd/etc/inittab"
+rm -f "$sysd/etc/inittab" "$sysd/etc/passwd" "$sysd/etc/group"
+# The accounts base-passwd's maintainer script would have made (the extract variant runs
+# none): D-Bus and GLib look root up by name.
+printf 'root:x:0:0:root:/root:/bin/sh\nmessagebus:x:100:101::/nonexistent:/usr/sbin/nologin\n' \
+    > "$sysd/etc/passwd"
+printf 'root:x:0:\nmessagebus:x:101:\n' > "$sysd/etc/group"
 cp "$here/board/inittab" "$sysd/etc/inittab"
 boot=$sysd/usr/lib/edgekey-boot
 mkdir -p "$boot"
-install -m 0755 "$here/board/rcS" "$boot/rcS"
-cp "$here/board/bootstage.py" "$here/board/supervise.py" "$boot/"
+install -m 0755 "$here/board/rcS" "$here/board/rauc-service" "$boot/"
+cp "$here/board/bootstage.py" "$here/board/supervise.py" "$here/board/dbus.conf" "$boot/"
 (cd "$checkout" && tar cf - --exclude=__pycache__ hal board_configs) | tar xf - -C "$boot"
 /usr/bin/python3 -m compileall -q -s "$sysd" -p / "$boot" >/dev/null || die "byte-compiling the boot stage failed"
 size_mib=$(( $(du -sm "$sysd" | cut -f1) * 5 / 4 + 32 ))

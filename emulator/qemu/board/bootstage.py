@@ -14,13 +14,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-sys.path.insert(0, "/usr/lib/edgekey-boot")
+sys.path.insert(0, "/usr/lib/edgekey-boot")  # the bootloader's code: hal/, board_configs/
 
 from hal import bootstate
-from hal.board import board_path, load_board
+from hal.board import Board, board_path, load_board
+from hal.bootctl import write_rauc_config
+from hal.recordlog import LogError
 
 RUN = "/run/edgekey"
+BOOT = "/usr/lib/edgekey-boot"
 BOARD = "qemu-armhf"
 MOUNT = "/opt/edgekey"
 
@@ -30,34 +34,69 @@ def say(text: str) -> None:
         f.write(f"edgekey-boot: {text}\r\n")
 
 
-def mount_slot(flash: str, part_name: str) -> str | None:
-    """The slot's squashfs read-only at MOUNT through a loop device; None if it won't."""
-    fl = load_board(board_path(BOARD)).flash
-    part = next(p for p in fl.partitions if p.name == part_name)
-    loop = subprocess.run(["/sbin/losetup", "-r", "-f", "--show", "-o", str(part.offset_mib << 20),
-                           "--sizelimit", str(part.size_mib << 20), flash],
-                          capture_output=True, text=True)
-    if loop.returncode != 0:
-        return f"losetup: {loop.stderr.strip()}"
-    dev = loop.stdout.strip()
+def loop(flash: str, board: Board, slot: str, *, read_only: bool) -> str:
+    """A loop device over the slot's partition of the flash (util-linux losetup)."""
+    part = board.flash.partition(bootstate.PARTITIONS[slot])
+    out = subprocess.run(["/sbin/losetup", *(["-r"] if read_only else []), "-f", "--show",
+                          "-o", str(part.offset_bytes), "--sizelimit", str(part.size_bytes),
+                          flash], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise OSError(f"losetup: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def mount_slot(flash: str, board: Board, slot: str) -> tuple[str | None, str]:
+    """The slot's squashfs read-only at MOUNT: (None, loop device), or (why not, "")."""
+    try:
+        dev = loop(flash, board, slot, read_only=True)
+    except OSError as exc:
+        return str(exc), ""
     m = subprocess.run(["/bin/busybox", "mount", "-t", "squashfs", "-o", "ro", dev, MOUNT],
                        capture_output=True, text=True)
     if m.returncode != 0:
         subprocess.run(["/sbin/losetup", "-d", dev])
-        return f"not a squashfs appfs ({m.stderr.strip() or 'mount failed'})"
-    return None
+        return f"not a squashfs appfs ({m.stderr.strip() or 'mount failed'})", ""
+    return None, dev
+
+
+def rauc_config(flash: str, board: Board, booted: str, booted_dev: str) -> None:
+    """system.conf for the board's RAUC service (rauc-service): the booted slot's loop
+    device, a writable one over the other slot, our backend from this boot code."""
+    keyring = Path(RUN) / "update-ca.crt"
+    if not keyring.is_file():
+        say("no fleet update CA in this terminal's identity: updates are off")
+        return
+    loops = {booted: booted_dev, bootstate.other(booted): loop(flash, board,
+                                                               bootstate.other(booted),
+                                                               read_only=False)}
+    folder = Path(RUN) / "rauc"
+    folder.mkdir(exist_ok=True)
+    write_rauc_config(board, flash, folder, keyring, loops, python="/usr/bin/python3",
+                      pythonpath=BOOT)
+
+
+def choose(flash: str, board: Board) -> tuple[str | None, str]:
+    """The bootloader's choice, its boot attempt counted on the flash before booting."""
+    try:
+        slot, why, _ = bootstate.boot_choice(flash, board)
+    except bootstate.NoBootableSlotError as exc:
+        return None, str(exc)
+    except (bootstate.BootStateError, LogError) as exc:
+        return None, f"the boot partition holds no readable boot state: {exc}"
+    return slot, why
 
 
 def main() -> int:
     with open(f"{RUN}/disks.env") as f:
         flash = f.read().strip().partition("=")[2]
+    board = load_board(board_path(BOARD))
     for _ in range(2):
-        slot, reason = bootstate.boot_device(flash, BOARD)
+        slot, reason = choose(flash, board)
         if slot is None:
-            say(f"no bootable slot: {reason}")
+            say(reason)
             return 1
-        part = bootstate.SLOT_PARTITION[slot]
-        why = mount_slot(flash, part)
+        part = bootstate.PARTITIONS[slot]
+        why, dev = mount_slot(flash, board, slot)
         if why is None:
             try:
                 with open(f"{MOUNT}/slot.json") as f:
@@ -67,9 +106,13 @@ def main() -> int:
             say(f"slot {slot} ({part}, version {info.get('version')}): {reason}")
             with open(f"{RUN}/boot.env", "w") as f:
                 f.write(f"SLOT={slot}\nBOARD={BOARD}\nVERSION={info.get('version')}\n")
+            try:
+                rauc_config(flash, board, slot, dev)
+            except OSError as exc:
+                say(f"updates are off: {exc}")
             return 0
         say(f"slot {slot} ({part}) will not mount: {why}; marked bad")
-        bootstate.mark_device(flash, BOARD, slot, False)
+        bootstate.update(flash, board, lambda st, s=slot: bootstate.mark_bad(st, s))
     say("neither slot mounts")
     return 1
 

@@ -25,6 +25,7 @@ BOOT = "/usr/lib/edgekey-boot"
 LOG_CAP = 1 << 20  # bytes of agent log kept in /run (a tmpfs), the older half dropped
 READY_TIMEOUT_S = 600.0  # emulated boots are slow; a hung boot fails the check
 REFUSED_RETRY_S = 30.0
+REBOOT_BOARD_STATUS = 76  # agent/update.py: the agent asks the board to reboot
 
 
 def env(path: str) -> dict[str, str]:
@@ -43,10 +44,20 @@ def console(text: str) -> None:
 
 
 def mark(slot: str, good: bool, flash: str, board: str) -> None:
+    """The health check's verdict on the booted slot, in the A/B boot state (RAUC's mark-good
+    and mark-bad), written with the bootloader's code, not the slot's."""
     sys.path.insert(0, BOOT)
     from hal import bootstate
+    from hal.board import board_path, load_board
 
-    bootstate.mark_device(flash, board, slot, good)
+    bootstate.update(flash, load_board(board_path(board)),
+                     lambda st: bootstate.set_state(st, slot, good))
+
+
+def hplc_url() -> str:
+    """The virtconsole, unless the board was booted with its debug shell there."""
+    with open("/proc/cmdline") as f:
+        return "loop://" if "edgekey.shell" in f.read().split() else "/dev/hvc0"
 
 
 def main() -> int:
@@ -58,9 +69,11 @@ def main() -> int:
     cmd = ["/usr/bin/python3", "-m", "agent", "--board", board, "--node", node,
            "--flash", flash, "--trust", f"{RUN}/utility.pub", "--device-key",
            f"{RUN}/device.key", "--tls-dir", f"{RUN}/tls", "--format-if-blank",
-           "--links", "console=/dev/ttyAMA0", "hplc=/dev/hvc0"]
-    envp = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/opt/edgekey/edgekey", "HOME": "/tmp",
-            "PYTHONDONTWRITEBYTECODE": "1"}
+           "--links", "console=/dev/ttyAMA0", f"hplc={hplc_url()}"]
+    envp = {"PATH": "/usr/bin:/bin:/sbin", "PYTHONPATH": "/opt/edgekey/edgekey", "HOME": "/tmp",
+            "PYTHONDONTWRITEBYTECODE": "1", "EDGEKEY_RUN_DIR": RUN,
+            # the system bus of rauc-service, for `update install` (rauc's client)
+            "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/run/dbus/system_bus_socket"}
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=envp, cwd="/tmp", stderr=subprocess.PIPE)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
@@ -84,6 +97,9 @@ def main() -> int:
             proc.kill()
     status = proc.wait()
     log.close()
+    if ready and status == REBOOT_BOARD_STATUS:  # `update reboot` on the console
+        console("the agent asked for a reboot: rebooting")
+        reboot()
     if ready:
         return status  # init starts it again
     why = last.decode(errors="replace")
@@ -94,9 +110,13 @@ def main() -> int:
     console(f"slot {slot} failed its boot health check (agent exit {status}: {why}); "
             "marked bad, rebooting")
     mark(slot, False, flash, board)
+    reboot()
+    return 1
+
+
+def reboot() -> None:
     os.sync()
     subprocess.run(["/bin/busybox", "reboot", "-f"])
-    return 1
 
 
 if __name__ == "__main__":
