@@ -181,21 +181,27 @@ def slot_tree(root: Path, board: Board, version: str) -> int:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for src in sources:
         shutil.copytree(src, root / "edgekey" / src.name, ignore=ignore)
-    # Byte-compiled once here: the slot is a read-only squashfs, so the terminal could
-    # never cache what it compiles, and would compile every module at every boot. The
-    # source hash, never checked, keeps the image a function of the sources (no mtimes);
-    # the interpreter tag in each file name keeps another Python from using them.
-    # A fixed hash seed: set constants (frozensets) are marshalled in hash order.
-    for src in sources:
-        _run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode",
-              "unchecked-hash", "-d", f"{SLOT_MOUNT}/edgekey/{src.name}",
-              str(root / "edgekey" / src.name)], "compileall",
-             env={**os.environ, "PYTHONHASHSEED": "0"})
     built = dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     meta = {"version": version, "compatible": compatible(board), "board": board.name,
             "built": built}
     (root / "slot.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return epoch
+
+
+def compile_slot(root: Path) -> None:
+    """Byte-compile the slot's packages, once, on the desk.
+
+    The slot is a read-only squashfs, so the terminal could never cache what it
+    compiles and would compile every module at every boot. The source hash, never
+    checked, keeps the image a function of the sources (no mtimes); the interpreter tag
+    in each file name keeps another Python from using them. A fixed hash seed: set
+    constants (frozensets) are marshalled in hash order.
+    """
+    for pkg in sorted((root / "edgekey").iterdir()):
+        if pkg.is_dir():
+            _run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode",
+                  "unchecked-hash", "-d", f"{SLOT_MOUNT}/edgekey/{pkg.name}", str(pkg)],
+                 "compileall", env={**os.environ, "PYTHONHASHSEED": "0"})
 
 
 def manifest(board: Board, version: str) -> str:
@@ -237,6 +243,7 @@ def build_bundle(board: Board, out: Path, version: str, keys_dir: Path, *,
         epoch = slot_tree(rootfs, board, version)
         if mutate is not None:
             mutate(rootfs)
+        compile_slot(rootfs)
         image = content / SLOT_IMAGE
         _run(["mksquashfs", str(rootfs), str(image), "-all-root", "-noappend", "-no-xattrs",
               "-mkfs-time", str(epoch), "-all-time", str(epoch), "-quiet", "-no-progress"],
