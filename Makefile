@@ -26,8 +26,9 @@ lint: $(STAMP)
 $(MPY_STAMP): tools/setup-micropython.sh | $(STAMP)
 	tools/setup-micropython.sh >/dev/null
 
+# Test files spread over every core (pytest-xdist; one file's tests stay on one worker).
 test-host: $(STAMP) $(MPY_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-arm: $(STAMP)
 	emulator/qemu/run-arm-tests.sh

@@ -19,6 +19,7 @@ also after a crash (it is what ``fleet down`` calls).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -32,14 +33,15 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def available() -> bool:
     """Whether namespaces, veth and bridges can be made here (root, iproute2, the modules)."""
-    probe = "ek-probe"
+    # names of this process alone: test runs side by side (pytest-xdist) probe at once
+    probe, bridge = f"ek-probe-{os.getpid()}", f"ekp{os.getpid() % 10**8}"
     try:
         if _ip("netns", "add", probe, check=False).returncode != 0:
             return False
         _ip("netns", "del", probe, check=False)
-        if _ip("link", "add", "ekprobe0", "type", "bridge", check=False).returncode != 0:
+        if _ip("link", "add", bridge, "type", "bridge", check=False).returncode != 0:
             return False
-        _ip("link", "del", "ekprobe0", check=False)
+        _ip("link", "del", bridge, check=False)
         return True
     except (OSError, subprocess.SubprocessError):
         return False

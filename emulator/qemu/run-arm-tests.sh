@@ -27,10 +27,47 @@ print("emulated platform: %s, python %s, numpy %s, cryptography %s, pyserial %s,
          version("pyserial"), version("pytest"), version("hypothesis")))
 ' || { echo "run-arm-tests: the emulated python3 did not start" >&2; exit 1; }
 
+# With no arguments, tests/ is cut into EDGEKEY_ARM_SHARDS shards (default: the CPU
+# count, at most 4) run side by side, each its own emulated pytest: qemu-user runs one
+# guest thread at a time and an emulated process cannot start ARM children (no binfmt),
+# so pytest-xdist cannot spread the tier. Files go to shards by size, largest first, each
+# to the lightest shard. Each shard's output is printed whole when it ends.
+shards=${EDGEKEY_ARM_SHARDS:-$(nproc)}
+[ "$shards" -gt 4 ] && shards=4
 status=0
-timeout --foreground -k 30 "${EDGEKEY_ARM_TIMEOUT:-3600}" \
-    "${arm_python[@]}" -m pytest -q -p no:cacheprovider --basetemp="$scratch/pytest" \
-    -m "not host_only" "$@" || status=$?
+if [ $# -gt 0 ] || [ "$shards" -le 1 ]; then
+    timeout --foreground -k 30 "${EDGEKEY_ARM_TIMEOUT:-3600}" \
+        "${arm_python[@]}" -m pytest -q -p no:cacheprovider --basetemp="$scratch/pytest" \
+        -m "not host_only" "$@" || status=$?
+else
+    mapfile -t groups < <(ls -S tests/test_*.py | awk -v n="$shards" '
+        { best = 0; for (i = 1; i < n; i++) if (load[i] < load[best]) best = i
+          cmd = "stat -c %s " $0; cmd | getline size; close(cmd)
+          load[best] += size; files[best] = files[best] " " $0 }
+        END { for (i = 0; i < n; i++) print files[i] }')
+    pids=()
+    for i in "${!groups[@]}"; do
+        # shellcheck disable=SC2086  # the group is a list of file names without spaces
+        timeout --foreground -k 30 "${EDGEKEY_ARM_TIMEOUT:-3600}" \
+            "${arm_python[@]}" -m pytest -q -p no:cacheprovider \
+            --basetemp="$scratch/pytest-$i" -m "not host_only" ${groups[$i]} \
+            > "$scratch/shard-$i.log" 2>&1 &
+        pids+=($!)
+    done
+    collected=0
+    for i in "${!pids[@]}"; do
+        rc=0
+        wait "${pids[$i]}" || rc=$?
+        echo "--- ARM shard $((i + 1))/${#pids[@]} (exit $rc) ---"
+        cat "$scratch/shard-$i.log"
+        case $rc in
+            0) collected=1 ;;
+            5) ;;  # a shard of host_only files only: no tests for ARM there
+            *) [ "$status" -eq 0 ] && status=$rc ;;
+        esac
+    done
+    [ "$status" -eq 0 ] && [ "$collected" -eq 0 ] && status=5
+fi
 
 case $status in
     5)  echo "run-arm-tests: FAILED: pytest collected no tests under emulated ARM" \
