@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from agent import meterproto as mp
 from emulator.agent_harness import TestMeter
+from emulator.board_session import BoardSession
 from emulator.serial_terminal import SerialTerminal
 from hal.dlt698 import Reason
 
@@ -29,28 +30,21 @@ pytestmark = pytest.mark.host_only
 
 @dataclass
 class Bench:
-    """The terminal under test, and on the QEMU board what powers it."""
+    """The terminal under test: its serial ports, and on the QEMU board what powers it."""
 
-    t: SerialTerminal
-    term: object | None = None  # tools.board_cmd.Terminal, on the board
-    vm: object | None = None  # emulator.qemu_board.BoardVM, on the board
-    boots: int = 0
+    hardware: SerialTerminal | None = None  # a real terminal's ports (--port)
+    board: BoardSession | None = None  # the QEMU board
     used: set[int] = field(default_factory=set)  # meters a test has taken
 
-    def power_on(self, *, wait: bool = True) -> None:
-        from tools.board_cmd import CONSOLE_TIMEOUT_S, power_on
+    @property
+    def t(self) -> SerialTerminal:
+        t = self.hardware or (self.board.t if self.board else None)
+        assert t is not None, "the terminal is off"
+        return t
 
-        self.boots += 1
-        self.vm = power_on(self.term, self.term.dir / f"vm{self.boots}")  # type: ignore[arg-type]
-        self.t = SerialTerminal.from_meters_file(self.vm.console_path, self.vm.link_path,
-                                                 self.term.meters_file)  # type: ignore[union-attr]
-        if wait:
-            self.t.wait_console(CONSOLE_TIMEOUT_S)
-
-    def power_off(self, *, cut: bool) -> None:
-        self.t.close()
-        if self.vm is not None:
-            self.vm.kill() if cut else self.vm.stop()  # type: ignore[attr-defined]
+    @property
+    def vm(self) -> object | None:
+        return self.board.vm if self.board else None
 
     def fresh_meters(self, n: int) -> list[TestMeter]:
         """Meters no earlier run registered (a real terminal keeps its chain between runs)."""
@@ -88,25 +82,22 @@ def bench(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory)
                                              link_baud=pytestconfig.getoption("--link-baud")
                                              ) as t:
             t.wait_console(30)
-            yield Bench(t)
+            yield Bench(hardware=t)
         return
     from tools.board_cmd import prepare
 
-    term = prepare(tmp_path_factory.mktemp("board"), meters=12)
-    b = Bench(None, term)  # type: ignore[arg-type]
+    board = BoardSession(prepare(tmp_path_factory.mktemp("board"), meters=12))
     try:
-        b.power_on()
-        yield b
+        board.power_on()
+        yield Bench(board=board)
     finally:
-        if b.t is not None:
-            b.t.close()
-        if b.vm is not None:
-            b.vm.stop()  # type: ignore[attr-defined]
+        board.power_off(cut=False)
 
 
-def on_board(bench: Bench) -> None:
-    if bench.vm is None:
+def on_board(bench: Bench) -> BoardSession:
+    if bench.board is None:
         pytest.skip("powers the terminal off: runs on the QEMU board only")
+    return bench.board
 
 
 def test_the_console_answers_with_the_terminal_inside_its_ram_budget(bench):
@@ -165,7 +156,7 @@ def test_a_power_cut_loses_no_acknowledged_operation(bench):
     """Injected: the board's power cut (QEMU killed) right after acknowledgements, with one
     more request in flight. Survives: every acknowledged key version, chain and key store
     agreeing, after the board boots again."""
-    on_board(bench)
+    board = on_board(bench)
     meters = bench.fresh_meters(3)
     acked: dict[bytes, int] = {}
     for m in meters:
@@ -175,8 +166,8 @@ def test_a_power_cut_loses_no_acknowledged_operation(bench):
             acked[m.meter_id] = a.key_version
     last = meters[0]
     last.send_raw(last.frame(mp.encode_request(last.keys.rotate())))
-    bench.power_off(cut=True)
-    bench.power_on()
+    board.power_off(cut=True)
+    board.power_on()
     assert console_json(bench.t, "ledger verify")["height"] >= 1
     for meter_id, version in acked.items():
         got = console_json(bench.t, f"keys get {meter_id.hex()}")
@@ -188,31 +179,31 @@ def test_a_damaged_chain_partition_is_refused_and_the_console_says_why(bench):
     Survives: the ledger partition, unchanged (the agent refuses to serve it as current and
     writes nothing), and the console, which says why; the byte put back, the board serves
     its chain again."""
-    on_board(bench)
+    board = on_board(bench)
     from hal.board import board_path, load_board
 
     height = console_json(bench.t, "ledger height")["height"]
-    bench.power_off(cut=False)
+    board.power_off(cut=False)
     part = load_board(board_path("qemu-armhf")).flash.partition("ledger")
     offset = part.offset_bytes + 200
-    flash = bench.term.flash  # type: ignore[union-attr]
+    flash = board.term.flash  # type: ignore[attr-defined]
     with open(flash, "r+b") as f:
         f.seek(offset)
         good = f.read(1)
         f.seek(offset)
         f.write(bytes([good[0] ^ 0x5A]))
     before = region_digest(flash, part.offset_bytes, part.size_bytes)
-    bench.power_on(wait=False)
+    board.power_on(wait=False)
     said = bench.t.read_until(b"refused the flash", timeout=300)
     line = said[said.rfind(b"edgekey-boot:"):].decode(errors="replace")
     assert "ledger partition damaged" in bench.t.read_until(b"\r\n", timeout=30,
                                                            start=said).decode(), line
-    bench.power_off(cut=False)
+    board.power_off(cut=False)
     assert region_digest(flash, part.offset_bytes, part.size_bytes) == before
     with open(flash, "r+b") as f:
         f.seek(offset)
         f.write(good)
-    bench.power_on()
+    board.power_on()
     assert console_json(bench.t, "ledger verify")["height"] == height
 
 

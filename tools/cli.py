@@ -116,6 +116,15 @@ def _bench_agent(args: argparse.Namespace) -> int:
     return _emit(result, bench_agent.rows(result), "edgekey bench agent", args.out)
 
 
+def _bench_board(args: argparse.Namespace) -> int:
+    from tools import bench_board
+
+    result = bench_board.run(cold=args.cold, meters=args.meters, rotations_n=args.rotations,
+                             rate=args.rate, seed=args.seed,
+                             out_png=str(Path(args.out).with_suffix(".png")))
+    return _emit(result, bench_board.rows(result), "edgekey bench board", args.out)
+
+
 def _bench_fleet(args: argparse.Namespace) -> int:
     from tools import bench_fleet
 
@@ -274,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--workdir", default=None, help="scratch folder (default: tmp)")
     ag.add_argument("--out", default="bench/results/agent.json")
     ag.set_defaults(handler=_bench_agent)
+
+    bb = bench.add_parser("board", help="the QEMU board: image builds, boot to console, RSS, "
+                                        "a rotation on host, qemu-user and the board, and a "
+                                        "RAUC update with its rollback")
+    bb.add_argument("--cold", action="store_true",
+                    help="also build the root filesystems and board image in a fresh cache")
+    bb.add_argument("--meters", type=int, default=4)
+    bb.add_argument("--rotations", type=int, default=60, help="rotations offered per target")
+    bb.add_argument("--rate", type=float, default=2.0, help="rotations per second (open loop)")
+    bb.add_argument("--seed", type=int, default=1)
+    bb.add_argument("--out", default="bench/results/board.json")
+    bb.set_defaults(handler=_bench_board)
 
     blr = bench.add_parser("live-routing", help="one fleet and load per routing method and "
                                                 "emulated WAN rate: link loads, eq. 8 and "
