@@ -24,6 +24,7 @@ from emulator.agent_harness import TestMeter
 from emulator.board_session import BoardSession
 from emulator.serial_terminal import SerialTerminal
 from hal.dlt698 import Reason
+from tools.flash_update import region_sha256
 
 pytestmark = pytest.mark.host_only
 
@@ -192,32 +193,16 @@ def test_a_damaged_chain_partition_is_refused_and_the_console_says_why(bench):
         good = f.read(1)
         f.seek(offset)
         f.write(bytes([good[0] ^ 0x5A]))
-    before = region_digest(flash, part.offset_bytes, part.size_bytes)
+    before = region_sha256(str(flash), part.offset_bytes, part.size_bytes)
     board.power_on(wait=False)
     said = bench.t.read_until(b"refused the flash", timeout=300)
     line = said[said.rfind(b"edgekey-boot:"):].decode(errors="replace")
     assert "ledger partition damaged" in bench.t.read_until(b"\r\n", timeout=30,
                                                            start=said).decode(), line
     board.power_off(cut=False)
-    assert region_digest(flash, part.offset_bytes, part.size_bytes) == before
+    assert region_sha256(str(flash), part.offset_bytes, part.size_bytes) == before
     with open(flash, "r+b") as f:
         f.seek(offset)
         f.write(good)
     board.power_on()
     assert console_json(bench.t, "ledger verify")["height"] == height
-
-
-def region_digest(path: Path, offset: int, size: int) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        left = size
-        while left:
-            chunk = f.read(min(left, 1 << 22))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()

@@ -130,7 +130,7 @@ def img(kit: Kit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 
 def region_sha(image: Path, slot: str) -> str:
     off, size = fu.region(BOARD, slot)
-    return fu._sha256(str(image), off, size)
+    return fu.region_sha256(str(image), off, size)
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
@@ -175,7 +175,7 @@ def test_install_writes_slot_b_and_switches_only_at_its_end(
     assert state.b == bs.Slot("good", bs.ATTEMPTS, bs.Image("0.2.0", info.compatible,
                                                              info.sha256))
     off, _ = fu.region(BOARD, "B")
-    assert fu._sha256(str(img), off, info.image_size) == info.sha256
+    assert fu.region_sha256(str(img), off, info.image_size) == info.sha256
     assert region_sha(img, "A") == a_sha
 
     rc, out, err = cli(capsys, "flash", "boot", img, "--board", "pl-terminal")

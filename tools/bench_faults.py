@@ -56,8 +56,9 @@ from typing import Any
 from tools import fault_schedule as fs
 from tools import fleet as fleet_tools
 from tools import fleet_probe as probe
-from tools.bench_fleet import _bar, _sigterm_interrupts
+from tools.bench_fleet import _bar
 from tools.console_client import ConsoleClient, ConsoleError
+from tools.signals import sigterm_unwinds
 
 TICK_S = 0.5
 UP_TIMEOUT_S = 900.0  # fleet up of 13 terminals on a loaded 2-core machine
@@ -617,7 +618,7 @@ def run(*, terminals: int = 13, meters: int = 300, ops: int = 10_000, rotate_eve
     ctl: list[Ctl] = []
     runs: list[FaultRun] = []
     try:
-        with _sigterm_interrupts():
+        with sigterm_unwinds():
             try:
                 _bench(d, result, failures, ctl, runs)
             except (FaultError, probe.ProbeError, ConsoleError, OSError, ValueError,

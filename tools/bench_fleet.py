@@ -56,7 +56,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,7 @@ from tools import fleet as fleet_tools
 from tools import provision_cmd
 from tools.bench_agent import _pct, _registration, _rotation, poisson, proc_sample
 from tools.paper import PAPER_TABLE1
+from tools.signals import sigterm_unwinds
 
 DEFAULT_RATES = (50.0, 100.0, 150.0, 200.0)
 RATE_STEP = 100.0
@@ -184,23 +184,6 @@ def _bar(total: int, desc: str, enabled: bool, unit: str = "req") -> Any:
             def close(self) -> None: ...
         return _Null()
     return tqdm(total=total, desc=desc, unit=unit, mininterval=0.5, leave=False)
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM to the bench unwinds like Ctrl-C, so the finally clauses stop the fleet."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------- meters
@@ -838,7 +821,7 @@ def run(*, terminals: int = 13, meters: int = 300, etcd_members: int = 3,
     }
     fleet: Fleet | None = None
     try:
-        with _sigterm_interrupts():
+        with sigterm_unwinds():
             t0 = time.monotonic()
             fleet = Fleet(directory, terminals=terminals, meters=meters,
                           etcd_members=etcd_members, seed=seed, python=[sys.executable],

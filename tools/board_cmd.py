@@ -64,7 +64,8 @@ def prepare(directory: Path, *, meters: int = 8, seed: int = 3, version: str | N
     return term
 
 
-def power_on(term: Terminal, work: Path, *, smp: int = 2, share: Path | None = None):
+def power_on(term: Terminal, work: Path, *, smp: int = 2, share: Path | None = None,
+             debug_shell: bool = False):
     """The board for this terminal, built or cached, started: a ``BoardVM``."""
     from emulator.qemu_board import BoardVM, build_board, identity_archive
 
@@ -72,7 +73,8 @@ def power_on(term: Terminal, work: Path, *, smp: int = 2, share: Path | None = N
     work.mkdir(parents=True, exist_ok=True)
     ident = identity_archive(work / "identity.cpio.gz", term.node, term.trust, term.device_key,
                              term.tls_dir, term.keyring)
-    vm = BoardVM(board_dir, term.flash, ident, work, smp=smp, share=share)
+    vm = BoardVM(board_dir, term.flash, ident, work, smp=smp, share=share,
+                 extra_append="edgekey.shell" if debug_shell else "")
     vm.start()
     return vm
 
@@ -99,6 +101,9 @@ def add_parser(sub: argparse._SubParsersAction, check: Callable) -> None:
     bo.add_argument("--smp", type=int, default=2, help="emulated cores (default 2, the board's)")
     bo.add_argument("--share", type=Path, help="a directory the board mounts read-only at "
                                                "/mnt/update (bundles for `update install`)")
+    bo.add_argument("--debug-shell", action="store_true",
+                    help="a root shell on the virtconsole's pty instead of the meter link "
+                         "(the agent's hplc link goes to loop://): to look inside the board")
     bo.add_argument("--check", action="store_true",
                     help="boot, ask the console for status, power off")
     bo.set_defaults(handler=run_boot)
@@ -133,14 +138,16 @@ def run_boot(args: argparse.Namespace) -> int:
         term = prepare(args.dir, meters=args.meters, seed=args.seed, version=args.version,
                        keys=args.keys)
         print(f"terminal {term.node}: flash {term.flash}, slot A holds {term.installed}")
-        vm = power_on(term, args.dir / "vm", smp=args.smp, share=args.share)
+        vm = power_on(term, args.dir / "vm", smp=args.smp, share=args.share,
+                      debug_shell=args.debug_shell)
     except (BoardError, UpdateError, ImageError) as exc:
         print(f"edgekey board boot: {exc}", file=sys.stderr)
         return 1
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
-        print(f"console (PL011 UART) on {vm.console_path}, hplc link (virtconsole) on "
+        link = "root shell" if args.debug_shell else "hplc link"
+        print(f"console (PL011 UART) on {vm.console_path}, {link} (virtconsole) on "
               f"{vm.link_path}; QEMU log {vm.stderr_path}")
         with SerialTerminal.from_meters_file(vm.console_path, vm.link_path,
                                              term.meters_file) as t:

@@ -577,9 +577,9 @@ def routing_step(run: dict, *, terminals: int, meters: int, rate: float, seconds
 
 def run(out: str, board: str = "host", *, quick: bool = False) -> int:
     """The whole demo; SIGTERM unwinds like Ctrl-C, so every step's fleet is stopped."""
-    from tools.bench_fleet import _sigterm_interrupts
+    from tools.signals import sigterm_unwinds
 
-    with _sigterm_interrupts():
+    with sigterm_unwinds():
         return _run(out, board, quick=quick)
 
 

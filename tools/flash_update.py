@@ -33,7 +33,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from hal import bootstate as bs
 from hal.board import Board, board_path, load_board
 from hal.bootctl import compatible, write_rauc_config
 from tools.image_build import ROOT, BundleInfo, ImageError, bundle_info, last_line
+from tools.signals import sigterm_unwinds
 
 COMMANDS = ("install", "status", "boot")
 RAUC_NAME = "de.pengutronix.rauc"
@@ -230,23 +230,6 @@ def rauc_service(conf: Path, booted: str, env: dict[str, str], log: Path,
         _stop(proc, group=True)
 
 
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt here, so every teardown below still runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def _install_error(output: str, log: str) -> str:
     """The line that says why: our handler's refusal, else RAUC's LastError."""
     lines = [ln.strip() for ln in (log + "\n" + output).splitlines() if ln.strip()]
@@ -347,7 +330,7 @@ def install(device: str | os.PathLike, board: Board, bundle: Path, keyring: Path
     state = bs.read(device, board)
     info, booted, target, factory = check_bundle(state, board, bundle, keyring, allow_downgrade)
     handler_args = "allow-downgrade" if allow_downgrade else ""
-    with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="edgekey-install-") as tmp:
+    with sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="edgekey-install-") as tmp:
         folder = Path(tmp)
         env = {**os.environ, **(service_env or {})}
         if no_service:
@@ -379,7 +362,8 @@ def _superblock(device: str, board: Board, slot: str) -> int | None:
     return padded if 0 < padded <= size else None
 
 
-def _sha256(device: str, offset: int, length: int) -> str:
+def region_sha256(device: str, offset: int, length: int) -> str:
+    """SHA-256 of ``length`` bytes of a flash image or device from ``offset``."""
     h = hashlib.sha256()
     with open(device, "rb") as f:
         f.seek(offset)
@@ -401,7 +385,7 @@ def health_check(device: str, board: Board, slot: str, recorded: bs.Image | None
         return False, f"{bs.PARTITIONS[slot]} holds no squashfs image"
     offset, _ = region(board, slot)
     if recorded is not None and recorded.sha256:
-        got = _sha256(device, offset, size)
+        got = region_sha256(device, offset, size)
         if got != recorded.sha256:
             return False, (f"image sha256 {got[:16]} is not the {recorded.sha256[:16]} recorded "
                            f"when {recorded.version} was installed")
