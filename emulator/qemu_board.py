@@ -4,7 +4,8 @@
 this starts QEMU on them with a terminal's 1 GiB flash image as a virtio
 disk, its identity (node id, utility key, device key, TLS files) appended to
 the initramfs as a second cpio archive, the console on the PL011 UART and
-the hplc link on a virtconsole, both as host ptys. ``BoardVM`` keeps the
+the hplc link on a second UART (a PCI 16550, the guest's /dev/ttyS0) and a
+maintenance port on a virtconsole (/dev/hvc0), all as host ptys. ``BoardVM`` keeps the
 pty paths QEMU reports, the serial log of the console before the agent
 takes it, and stops QEMU on every path (``stop``: SIGTERM, then SIGKILL;
 ``kill``: a power cut). The guest may reboot itself (a rollback): QEMU
@@ -87,8 +88,9 @@ class BoardVM:
             "-kernel", str(board_dir / "vmlinuz"), "-initrd", str(self.initrd),
             "-append", f"console=ttyAMA0 rdinit=/init quiet loglevel=1 panic=5 {extra_append}",
             "-chardev", "pty,id=con", "-serial", "chardev:con",
-            "-device", "virtio-serial-device", "-chardev", "pty,id=plc",
-            "-device", "virtconsole,chardev=plc",
+            "-chardev", "pty,id=plc", "-device", "pci-serial,chardev=plc",
+            "-device", "virtio-serial-device", "-chardev", "pty,id=dbg",
+            "-device", "virtconsole,chardev=dbg",
             "-drive", f"file={board_dir / 'system.ext4'},if=none,id=sys,format=raw,readonly=on",
             "-device", "virtio-blk-device,drive=sys,serial=system",
             "-drive", f"file={flash},if=none,id=fl,format=raw",
@@ -112,7 +114,7 @@ class BoardVM:
         while time.monotonic() < deadline:
             found = dict((label.decode(), path.decode()) for path, label in
                          PTY_LINE.findall(self.stderr_path.read_bytes()))
-            if {"con", "plc"} <= found.keys():
+            if {"con", "plc", "dbg"} <= found.keys():
                 self.ptys = found
                 return
             if self.proc.poll() is not None:
@@ -129,6 +131,11 @@ class BoardVM:
     @property
     def link_path(self) -> str:
         return self.ptys["plc"]
+
+    @property
+    def maintenance_path(self) -> str:
+        """The virtconsole: a root shell there when booted with ``edgekey.shell``."""
+        return self.ptys["dbg"]
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

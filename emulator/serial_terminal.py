@@ -4,7 +4,7 @@ Hardware in the loop: the console UART and the meter link (HPLC modem or
 RS-485 adapter) of a real terminal on the desk, e.g. ``/dev/ttyUSB0`` and
 ``/dev/ttyUSB1``, opened by pyserial URL at the board's baud rate. The same
 class speaks to the QEMU board through the ptys QEMU gives its PL011 UART and
-virtconsole, so the HIL tests run in CI without hardware. Nothing here starts
+second UART, so the HIL tests run in CI without hardware. Nothing here starts
 or stops the terminal; ``meters`` are the provisioned meters' rows (id and
 factory key) the tests speak for.
 """

@@ -5,7 +5,7 @@ these against a real terminal (README, "Hardware in the loop"): its console UART
 meter link, with the provisioned meters' factory keys. Without ``--port`` the same tests
 run against the system-mode QEMU board (``edgekey board boot``: armmp kernel, the agent
 from its RAUC-installed slot A, console on the PL011 UART, the hplc link on a
-virtconsole), so the HIL path runs in CI (``make test-board``). The tests that need to
+second UART), so the HIL path runs in CI (``make test-board``). The tests that need to
 power the terminal off (power cut, damaged flash) run on the board only.
 """
 

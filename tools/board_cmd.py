@@ -2,13 +2,14 @@
 
 ``build`` makes (or reuses) the kernel, initramfs and system disk
 (emulator/qemu/build-board.sh). ``boot`` does what a factory and a field
-engineer do: provision a terminal (a fleet of one, or the one named in an
-existing fleet directory), install the agent's signed RAUC bundle into its
-flash through the same ``flash install`` as any update (a blank image's
-first install goes to slot A), append its identity to the initramfs and
-power it on under ``qemu-system-arm``. It prints the console and meter-link
-ptys and the boot-to-console time, then keeps the board running until
-Ctrl-C (``--check``: it asks the console for ``status`` and powers off).
+engineer do: provision a terminal (a fleet of one), install the agent's
+signed RAUC bundle into its flash through the same ``flash install`` as any
+update (a blank image's first install goes to slot A), append its identity
+to the initramfs and power it on under ``qemu-system-arm``, with the
+terminal's meters emulated on the host at the far end of its HPLC UART
+(``python -m emulator.meter``). It prints the ptys and the boot-to-console
+time, then keeps the board running until Ctrl-C (``--check``: once every
+meter is registered it asks the console for ``status`` and powers off).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from pathlib import Path
 
 BOARD = "qemu-armhf"  # the board file of the terminal under qemu-system-arm -M virt
 CONSOLE_TIMEOUT_S = 300.0
+REGISTER_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -102,10 +105,16 @@ def add_parser(sub: argparse._SubParsersAction, check: Callable) -> None:
     bo.add_argument("--share", type=Path, help="a directory the board mounts read-only at "
                                                "/mnt/update (bundles for `update install`)")
     bo.add_argument("--debug-shell", action="store_true",
-                    help="a root shell on the virtconsole's pty instead of the meter link "
-                         "(the agent's hplc link goes to loop://): to look inside the board")
+                    help="a root shell on the maintenance port (the virtconsole's pty): to "
+                         "look inside the board")
+    bo.add_argument("--no-meters", action="store_true",
+                    help="leave the HPLC UART's pty free (for a test or another meter "
+                         "emulator); by default the provisioned meters run on it")
+    bo.add_argument("--rotate-every", type=float, default=60.0,
+                    help="seconds between each emulated meter's key rotations (default 60)")
     bo.add_argument("--check", action="store_true",
-                    help="boot, ask the console for status, power off")
+                    help="boot, wait for every meter to register, ask the console for "
+                         "status, power off")
     bo.set_defaults(handler=run_boot)
 
 
@@ -145,15 +154,22 @@ def run_boot(args: argparse.Namespace) -> int:
         return 1
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    meters: subprocess.Popen | None = None
     try:
-        link = "root shell" if args.debug_shell else "hplc link"
-        print(f"console (PL011 UART) on {vm.console_path}, {link} (virtconsole) on "
-              f"{vm.link_path}; QEMU log {vm.stderr_path}")
+        print(f"console (PL011 UART) on {vm.console_path}, hplc link (16550 UART) on "
+              f"{vm.link_path}, maintenance port (virtconsole) on {vm.maintenance_path}"
+              f"{' with a root shell' if args.debug_shell else ''}; QEMU log {vm.stderr_path}")
         with SerialTerminal.from_meters_file(vm.console_path, vm.link_path,
                                              term.meters_file) as t:
             t.wait_console(CONSOLE_TIMEOUT_S)
             print(f"console answers {time.monotonic() - vm.started:.1f} s after power-on")
+            if not args.no_meters:
+                meters = start_meters(term, vm.link_path, args.rotate_every)
+                print(f"{args.meters} emulated meters on the HPLC UART (stats "
+                      f"{term.dir / 'meters.stats.json'})")
             if args.check:
+                if meters is not None:
+                    wait_registered(term, args.meters, meters, REGISTER_TIMEOUT_S)
                 body, status = t.console("status")
                 print(body)
                 return 0 if status == "OK" else 1
@@ -167,4 +183,38 @@ def run_boot(args: argparse.Namespace) -> int:
             return 1
         return 0
     finally:
+        if meters is not None:
+            meters.terminate()
+            try:
+                meters.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                meters.kill()
+                meters.wait()
         vm.stop()
+
+
+def start_meters(term: Terminal, link: str, rotate_every: float) -> subprocess.Popen:
+    """The provisioned meters, emulated on the host at the far end of the board's HPLC
+    UART; timeouts sized for an emulated terminal."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "emulator.meter", "--link", link, "--meters",
+         str(term.meters_file), "--state", str(term.dir / "meter-state"), "--stats",
+         str(term.dir / "meters.stats.json"), "--rotate-every", str(rotate_every),
+         "--reading-every", "30", "--start-spread", "2", "--timeout", "20",
+         "--log-level", "warning"], stdin=subprocess.DEVNULL)
+
+
+def wait_registered(term: Terminal, n: int, meters: subprocess.Popen, timeout: float) -> None:
+    t0 = time.monotonic()
+    stats = term.dir / "meters.stats.json"
+    while time.monotonic() < t0 + timeout:
+        if meters.poll() is not None:
+            raise TimeoutError(f"the emulated meters exited {meters.returncode}")
+        try:
+            if json.loads(stats.read_text()).get("registered", 0) >= n:
+                print(f"every meter registered {time.monotonic() - t0:.1f} s after they started")
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"not every meter registered in {timeout:.0f} s (see {stats})")

@@ -2,7 +2,7 @@
 
 busybox init runs this (inittab ``respawn``) once the boot stage has mounted
 the chosen A/B slot at /opt/edgekey. It starts the slot's agent on the board's
-links (console on the PL011 UART, hplc on the virtconsole) and keeps the
+links (the board file's: console on the PL011 UART, hplc on the second UART) and keeps the
 agent's event log off the console UART, which is the agent's shell: it goes
 to /run/edgekey/agent.log. The health check is the agent's own boot: the slot
 is marked good (hal/bootstate.py) when the agent says ``agent.ready``. A slot
@@ -54,12 +54,6 @@ def mark(slot: str, good: bool, flash: str, board: str) -> None:
                      lambda st: bootstate.set_state(st, slot, good))
 
 
-def hplc_url() -> str:
-    """The virtconsole, unless the board was booted with its debug shell there."""
-    with open("/proc/cmdline") as f:
-        return "loop://" if "edgekey.shell" in f.read().split() else "/dev/hvc0"
-
-
 def main() -> int:
     boot = env(f"{RUN}/boot.env")
     disks = env(f"{RUN}/disks.env")
@@ -68,8 +62,7 @@ def main() -> int:
     slot, board, flash = boot["SLOT"], boot["BOARD"], disks["FLASH"]
     cmd = ["/usr/bin/python3", "-m", "agent", "--board", board, "--node", node,
            "--flash", flash, "--trust", f"{RUN}/utility.pub", "--device-key",
-           f"{RUN}/device.key", "--tls-dir", f"{RUN}/tls", "--format-if-blank",
-           "--links", "console=/dev/ttyAMA0", f"hplc={hplc_url()}"]
+           f"{RUN}/device.key", "--tls-dir", f"{RUN}/tls", "--format-if-blank"]
     envp = {"PATH": "/usr/bin:/bin:/sbin", "PYTHONPATH": "/opt/edgekey/edgekey", "HOME": "/tmp",
             "PYTHONDONTWRITEBYTECODE": "1", "EDGEKEY_RUN_DIR": RUN,
             # the system bus of rauc-service, for `update install` (rauc's client)
