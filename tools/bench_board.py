@@ -234,6 +234,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         out.append((f"rotation end to end, {label}", f"p50 {lat['p50_ms']:.1f} ms, p99 "
                     f"{lat['p99_ms']:.1f} ms ({rot['acked']}/{rot['offered']} acked, "
                     f"{rot['offered_per_s']:g}/s offered)"))
+    out.append(("agent RSS, host / qemu-arm-static (qemu's own included)",
+                f"{r['host']['rss_bytes'] / mib:.1f} MiB / {r['qemu_user']['rss_bytes'] / mib:.1f}"
+                " MiB"))
     out.append(("rotation p50 vs host", f"qemu-arm-static {r['ratios_p50']['qemu_user']:.1f}x, "
                 f"QEMU board {r['ratios_p50']['board']:.1f}x"))
     out.append(("update on the board: install 0.2.0", f"{bd['install_s']:.1f} s"))
