@@ -41,11 +41,12 @@ test-agent-qemu: $(STAMP)
 
 # The system-mode board under qemu-system-arm (emulator/qemu/build-board.sh, cached): the HIL
 # tests against its pty UARTs, and signed A/B updates run on the board itself, with rollback
-# and power cuts. About 5 minutes on 2 cores. Against a real terminal instead:
+# and power cuts; the two files' boards run side by side (3.5 minutes on 2 cores).
+# Against a real terminal instead:
 #   .venv/bin/python -m pytest --target hil --port /dev/ttyUSB0 --link-port /dev/ttyUSB1 \
 #       --meters ecd-00.meters.json tests/test_hil.py
 test-board: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --target hil tests/test_hil.py \
+	$(PY) -m pytest -q -p no:cacheprovider --target hil -n 2 --dist loadfile tests/test_hil.py \
 	    tests/test_board_update.py
 
 test: lint test-host test-arm test-agent-qemu test-board

@@ -312,6 +312,21 @@ def fetch_readings(fleet: Fleet, meter_id: bytes, via: str,
     return out
 
 
+def reply_fields(r: StationReply) -> dict[str, Any]:
+    """A terminal's answer to an order (revoke, migrate) as the station reports it: ok and
+    height, and on a refusal the NAK's and the ledger's reasons by name, and the detail."""
+    out: dict[str, Any] = {"ok": r.ok, "height": r.height}
+    if r.ok:
+        return out
+    out["reason"] = Nak(r.nak).name if r.nak in Nak._value2member_map_ else str(r.nak)
+    if r.ledger_reason:
+        out["ledger_reason"] = (Reason(r.ledger_reason).name
+                                if r.ledger_reason in Reason._value2member_map_
+                                else str(r.ledger_reason))
+    out["detail"] = r.detail
+    return out
+
+
 def revoke(fleet: Fleet, meter_id: bytes, via: str,
            timeout_s: float = 30.0) -> dict[str, Any]:
     """Revoke ``meter_id``'s key through ``via``, or through its home when ``via`` says which."""
@@ -320,16 +335,9 @@ def revoke(fleet: Fleet, meter_id: bytes, via: str,
         tried.append(via)
         with StationLink(fleet, via, timeout_s) as link:
             r = link.revoke(meter_id)
-        out: dict[str, Any] = {"meter": meter_id.hex(), "via": via, "ok": r.ok,
-                               "height": r.height}
+        out: dict[str, Any] = {"meter": meter_id.hex(), "via": via, **reply_fields(r)}
         if r.ok:
             return out
-        out["reason"] = Nak(r.nak).name if r.nak in Nak._value2member_map_ else str(r.nak)
-        if r.ledger_reason:
-            out["ledger_reason"] = (Reason(r.ledger_reason).name
-                                    if r.ledger_reason in Reason._value2member_map_
-                                    else str(r.ledger_reason))
-        out["detail"] = r.detail
         home = r.detail.rpartition("(home ")[2].rstrip(")") if "(home " in r.detail else None
         if out["reason"] != "NOT_HOME" or home is None or home in tried:
             return out

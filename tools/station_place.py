@@ -35,9 +35,8 @@ from agent.net.wire import (
     StationPlacement,
     StationReply,
 )
-from agent.node.actions import Nak
 from agent.placement.capacity import assign_capacitated
-from tools.station import DEFAULT_TIMEOUT_S, Fleet, StationError, StationLink
+from tools.station import DEFAULT_TIMEOUT_S, Fleet, StationError, StationLink, reply_fields
 
 
 def placement(fleet: Fleet, terminal: str,
@@ -57,12 +56,7 @@ def migrate(fleet: Fleet, meter: str, to: str, via: str,
     with StationLink(fleet, via, timeout_s) as link:
         r = link.exchange(lambda rid: StationMigrate(rid, bytes.fromhex(meter), to),
                           StationReply)
-    out: dict[str, Any] = {"meter": meter, "from": via, "to": to, "ok": r.ok,
-                           "height": r.height}
-    if not r.ok:
-        out["reason"] = Nak(r.nak).name if r.nak in Nak._value2member_map_ else str(r.nak)
-        out["detail"] = r.detail
-    return out
+    return {"meter": meter, "from": via, "to": to, **reply_fields(r)}
 
 
 def plan_moves(fleet: Fleet, answers: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
