@@ -141,8 +141,12 @@ def run_boot(args: argparse.Namespace) -> int:
     from tools.flash_update import UpdateError
     from tools.image_build import ImageError
 
-    if args.dir.exists():
-        shutil.rmtree(args.dir)
+    if args.dir.exists() and any(args.dir.iterdir()):
+        if not (args.dir / "board.json").is_file():
+            print(f"edgekey board boot: {args.dir} holds files of something else; give --dir "
+                  "a new folder or one an earlier board boot made", file=sys.stderr)
+            return 1
+        shutil.rmtree(args.dir)  # an earlier board's: a new terminal each time
     try:
         term = prepare(args.dir, meters=args.meters, seed=args.seed, version=args.version,
                        keys=args.keys)
