@@ -31,6 +31,10 @@ How it runs:
    have not moved yet is used before searching again.
 3. The final potentials are the optimal dual prices, returned for the next call.
 
+A lower bound on every centre's load (``assign_bounded``) reuses the same
+solver with one upper bound per centre on a network with each centre split in
+two (required places, and extra places priced high).
+
 Ties between equal-cost assignments are broken by index order, so the result
 is deterministic; which of several optimal assignments comes back can depend
 on the prices passed in, its total distance does not.
@@ -117,15 +121,17 @@ def assign_capacitated(points: object, centres: object, cap: int, *,
     return assign_from_distances(distances(pts, ctr), cap, p)
 
 
-def assign_from_distances(dist: np.ndarray, cap: int,
+def assign_from_distances(dist: np.ndarray, cap: int | np.ndarray,
                           prices: np.ndarray) -> tuple[np.ndarray, Repair]:
     """The solver behind ``assign_capacitated`` on a ready (n, k) distance matrix.
 
     The caller has checked its inputs: finite distances, n <= k * cap, prices >= 0.
     """
     n, k = dist.shape
-    cap = min(cap, n)  # more room than meters changes nothing, and stays within int64
-    tol = RELATIVE_TOLERANCE * (1.0 + float(dist.max()))
+    # More room than meters changes nothing, and stays within int64. ``cap`` may
+    # also be one bound per centre (``assign_bounded`` uses that).
+    cap = np.minimum(np.broadcast_to(np.asarray(cap, dtype=np.int64), (k,)), n)
+    tol = RELATIVE_TOLERANCE * (1.0 + float(np.abs(dist).max()))
     prices = _raise_prices(dist, prices, cap, tol)
     assign = np.argmin(dist + prices, axis=1).astype(np.int64)  # the API's type, on 32-bit too
     load = loads(assign, k).astype(np.int64)
@@ -162,6 +168,38 @@ def assign_from_distances(dist: np.ndarray, cap: int,
     return assign, repair
 
 
+def assign_bounded(dist: np.ndarray, cap: int, min_load: int,
+                   prices: np.ndarray | None = None) -> tuple[np.ndarray, Repair]:
+    """Least total distance with ``min_load <= load <= cap`` on every centre, never infeasible.
+
+    The lower bound is a flow lower bound written as costs: each centre is split
+    into a "required" copy (``min_load`` places at distance D) and an "extra"
+    copy (``cap - min_load`` places at D + M). M exceeds what any augmenting
+    path can save in distance, so the optimum fills every required place it
+    can (all of them when ``k * min_load <= n``, which ``plan`` ensures) and
+    otherwise minimises distance exactly. ``min_load`` is clipped to n // k,
+    so a bound that no assignment meets is relaxed rather than failing; ``cap``
+    stays hard. ``prices`` are this function's own (2k) prices from a previous
+    call. The caller has checked n <= k * cap and finite distances.
+    """
+    n, k = dist.shape
+    low = max(0, min(int(min_load), n // k, cap))
+    if low == 0 or low >= cap:  # no bound, or cap alone forces every load to cap
+        p = np.zeros(k) if prices is None or len(prices) != k else prices
+        return assign_from_distances(dist, cap, p)
+    # Any augmenting path crosses at most 2k + 1 edges, each worth at most max D.
+    big = (2 * k + 2) * float(dist.max()) + 1.0
+    split = np.hstack([dist, dist + big])
+    caps = np.concatenate([np.full(k, low), np.full(k, cap - low)])
+    p = np.zeros(2 * k) if prices is None or len(prices) != 2 * k else prices
+    both, rep = assign_from_distances(split, caps, p)
+    assign = both % k
+    nearest = dist.min(axis=1)
+    own = dist[np.arange(n), assign]
+    return assign, Repair(moves=int((own > nearest).sum()),
+                          cost_m=float((own - nearest).sum()), prices=rep.prices)
+
+
 class _Network:
     """The contracted residual network of one repair: k centres and the sink T (index k).
 
@@ -171,7 +209,7 @@ class _Network:
     """
 
     def __init__(self, dist: np.ndarray, assign: np.ndarray, to_sink: np.ndarray,
-                 cap: int, prices: np.ndarray) -> None:
+                 cap: np.ndarray, prices: np.ndarray) -> None:
         n, k = dist.shape
         self.dist, self.assign, self.to_sink, self.cap, self.k = dist, assign, to_sink, cap, k
         # Node potentials; -prices makes the starting assignment's reduced costs >= 0.
@@ -181,7 +219,7 @@ class _Network:
         self.mover = np.full((k, k), -1, dtype=np.int64)
         self.load = loads(assign, k)
         # Only sources lose meters and no other centre goes past cap, so this width holds.
-        width = max(cap, int(self.load.max()))
+        width = max(1, int(cap.max()), int(self.load.max()))
         order = np.argsort(assign, kind="stable")
         starts = np.concatenate(([0], np.cumsum(self.load)[:-1]))
         self.slot = np.empty(n, dtype=np.int64)  # meter -> its column in members
@@ -245,7 +283,7 @@ class _Network:
         k = self.k
         for u, v in pairwise(path):
             if v == k:
-                if self.to_sink[u] >= self.cap:
+                if self.to_sink[u] >= self.cap[u]:
                     return False
             elif u == k:
                 if self.to_sink[v] <= 0:
@@ -318,7 +356,8 @@ class _Network:
             self.mover[row_ids] = movers
 
 
-def _raise_prices(dist: np.ndarray, prices: np.ndarray, cap: int, tol: float) -> np.ndarray:
+def _raise_prices(dist: np.ndarray, prices: np.ndarray, cap: np.ndarray,
+                  tol: float) -> np.ndarray:
     """Cheap head start for the exact repair: raise the price of every over-full centre.
 
     Each sweep raises an over-full centre's price just enough that its
@@ -353,7 +392,7 @@ def _raise_prices(dist: np.ndarray, prices: np.ndarray, cap: int, tol: float) ->
         order = np.lexsort((margin[members], owner))
         owners = np.flatnonzero(over)
         starts = np.searchsorted(owner[order], owners)
-        kth = margin[members[order[starts + load[owners] - cap - 1]]]
+        kth = margin[members[order[starts + load[owners] - cap[owners] - 1]]]
         p[owners] += kth + tol
     return p
 
