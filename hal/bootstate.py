@@ -401,3 +401,10 @@ def boot_choice(device: str | os.PathLike, board: Board) -> tuple[str, str, Imag
 
     update(device, board, pick)
     return picked[0], picked[1], picked[2]
+
+
+def slot_region(board: Board, slot: str) -> tuple[int, int]:
+    """(offset, size) in bytes of the slot's partition on the board's flash: where the
+    desk's installer and the board's boot stage put their loop devices."""
+    part = board.flash.partition(PARTITIONS[_check_name(slot)])
+    return part.offset_bytes, part.size_bytes

@@ -58,9 +58,7 @@ class Refused(UpdateError):
     """A bundle this flash must not take; nothing was written."""
 
 
-def region(board: Board, slot: str) -> tuple[int, int]:
-    part = board.flash.partition(bs.PARTITIONS[slot])
-    return part.offset_bytes, part.size_bytes
+region = bs.slot_region  # (offset, size) of a slot's partition
 
 
 # ------------------------------------------------------------------ checks

@@ -36,10 +36,10 @@ def say(text: str) -> None:
 
 def loop(flash: str, board: Board, slot: str, *, read_only: bool) -> str:
     """A loop device over the slot's partition of the flash (util-linux losetup)."""
-    part = board.flash.partition(bootstate.PARTITIONS[slot])
+    offset, size = bootstate.slot_region(board, slot)
     out = subprocess.run(["/sbin/losetup", *(["-r"] if read_only else []), "-f", "--show",
-                          "-o", str(part.offset_bytes), "--sizelimit", str(part.size_bytes),
-                          flash], capture_output=True, text=True)
+                          "-o", str(offset), "--sizelimit", str(size), flash],
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise OSError(f"losetup: {out.stderr.strip()}")
     return out.stdout.strip()
