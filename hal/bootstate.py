@@ -13,7 +13,9 @@ of boot attempts left. ``set_primary`` makes a slot primary, good, with
 bootloader's ``choose`` boots the primary if it has tries left, else the
 other slot if it is good with tries left (a rollback); it takes one try off
 the chosen slot *before* booting and persists that, so a slot that keeps
-crashing before its health check runs out of tries and is left behind.
+crashing before its health check runs out of tries and is left behind. Good
+slots that have all run out (boots cut short, never a failed check) get their
+tries back rather than halt the terminal.
 
 A blank boot partition (a freshly created image) reads as ``blank()``: A
 primary and good with ``ATTEMPTS`` tries, B bad, nothing installed anywhere.
@@ -71,7 +73,7 @@ class BootStateFormatError(BootStateError):
 
 
 class NoBootableSlotError(Exception):
-    """Neither slot is good with boot attempts left."""
+    """Neither slot is good: both failed their health checks."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,26 @@ def record_install(state: BootState, name: str, image: Image) -> BootState:
 
 
 def choose(state: BootState) -> tuple[str, BootState, str]:
-    """The bootloader's decision: (slot to boot, state to persist before booting, why)."""
+    """The bootloader's decision: (slot to boot, state to persist before booting, why).
+
+    When no slot has tries left but one is still good (its boots were cut
+    short before the health check, by power cuts say, and no check has failed),
+    the good slots get their tries back, as RAUC's U-Boot reference script
+    resets BOOT_x_LEFT rather than leave a terminal in the field halted. A slot
+    marked bad stays bad."""
+    if not any(state.slot(n).bootable for n in SLOTS):
+        good = [n for n in SLOTS if state.slot(n).state == "good"]
+        if good:
+            reset = state
+            for n in good:
+                reset = reset.with_slot(n, replace(reset.slot(n), attempts=ATTEMPTS))
+            slot, new, why = _choose(reset)
+            return slot, new, (f"no slot had boot attempts left; good slot(s) "
+                               f"{', '.join(good)} given {ATTEMPTS} again; {why}")
+    return _choose(state)
+
+
+def _choose(state: BootState) -> tuple[str, BootState, str]:
     primary = state.primary
     for name in (primary, other(primary)):
         slot = state.slot(name)

@@ -103,9 +103,18 @@ def test_bad_values_are_not_encoded() -> None:
 @given(states)
 def test_choose_invariants(state: bs.BootState) -> None:
     bootable = [n for n in bs.SLOTS if state.slot(n).bootable]
-    if not bootable:
+    good = [n for n in bs.SLOTS if state.slot(n).state == "good"]
+    if not good:
         with pytest.raises(bs.NoBootableSlotError, match="no bootable slot"):
             bs.choose(state)
+        return
+    if not bootable:  # good slots out of tries get them back, and only they
+        slot, new, why = bs.choose(state)
+        assert why.startswith("no slot had boot attempts left")
+        assert slot == (state.primary if state.primary in good else good[0])
+        for n in bs.SLOTS:
+            want = (bs.ATTEMPTS - (n == slot)) if n in good else state.slot(n).attempts
+            assert new.slot(n).attempts == want and new.slot(n).state == state.slot(n).state
         return
     slot, new, why = bs.choose(state)
     assert state.slot(slot).attempts > 0 and state.slot(slot).state == "good"
@@ -129,6 +138,25 @@ def test_a_slot_that_never_passes_its_check_runs_out_of_tries() -> None:
     assert booted == ["B"] * bs.ATTEMPTS + ["A", "A"]
     _slot, _state, why = bs.choose(state)
     assert why.startswith("rollback: primary slot B has no boot attempts left")
+
+
+def test_power_cuts_before_every_health_check_never_halt_a_good_terminal() -> None:
+    """Injected: the power cut on every boot before the health check, 3 x ATTEMPTS boots in
+    a row. Survives: the terminal boots each time (its good slots get their tries back);
+    only slots whose check failed are left behind."""
+    state = bs.set_primary(bs.mark_good(bs.blank(), "A"), "B")
+    booted = []
+    for _ in range(3 * bs.ATTEMPTS):
+        slot, state, _why = bs.choose(state)
+        booted.append(slot)
+    assert booted[:2 * bs.ATTEMPTS] == ["B"] * bs.ATTEMPTS + ["A"] * bs.ATTEMPTS
+    assert booted[2 * bs.ATTEMPTS] == "B"  # both good: the primary first again
+    state = bs.mark_bad(state, "B")  # B's check fails at last
+    for _ in range(2 * bs.ATTEMPTS):
+        slot, state, _why = bs.choose(state)
+        assert slot == "A"
+    with pytest.raises(bs.NoBootableSlotError, match="A is bad"):
+        bs.choose(bs.mark_bad(state, "A"))
 
 
 def test_install_steps_as_rauc_calls_them() -> None:
