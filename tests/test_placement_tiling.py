@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.placement.metrics import loads
-from agent.placement.plan import cluster_medoids, terminals_needed
-from agent.placement.tiling import TileJob, plan_tile, plan_tiled, split_tiles
+from agent.placement.plan import cluster_medoids, default_min_load, terminals_needed
+from agent.placement.tiling import TileJob, plan_tile, plan_tiled, split_tiles, tile_terminals
 
 EMULATED = bool(os.environ.get("EDGEKEY_EMULATED"))
 
@@ -101,7 +101,34 @@ def test_tiled_plan_keeps_each_terminal_inside_its_tile(tiled: tuple) -> None:
         tile_of_meter[idx] = i
     assert np.array_equal(p.tile[p.assign], tile_of_meter)  # every meter's terminal
     assert np.array_equal(p.tile, tile_of_meter[p.sites])  # every terminal's site
-    assert len(p.sites) == sum(terminals_needed(len(t)) for t in tiles)
+    # the whole area's terminal count, shared among the tiles (none needs more here)
+    assert len(p.sites) == terminals_needed(len(pts))
+    assert len(p.sites) == sum(tile_terminals([len(t) for t in tiles], len(p.sites), CAP))
+
+
+def test_every_tile_keeps_the_lower_load_bound(tiled: tuple) -> None:
+    _pts, p, tiles = tiled
+    load = loads(p.assign, len(p.sites))
+    for i, idx in enumerate(tiles):
+        mine = np.flatnonzero(p.tile == i)
+        assert load[mine].sum() == len(idx)
+        assert load[mine].min() >= default_min_load(len(idx), len(mine))
+
+
+@given(st.lists(st.integers(1, 2000), min_size=1, max_size=40), st.integers(1, 40),
+       st.floats(0.0, 0.3))
+def test_tile_terminals_share_the_count_within_each_tiles_bounds(sizes: list[int], cap: int,
+                                                                 spare: float) -> None:
+    n = sum(sizes)
+    least = sum(-(-m // cap) for m in sizes)
+    total = min(n, max(-(-n // cap), int(n * (1 + spare) / cap)))
+    ks = tile_terminals(sizes, total, cap)
+    assert all(-(-m // cap) <= k <= m for m, k in zip(sizes, ks, strict=True))
+    assert sum(ks) == max(total, least)
+    if total >= least:  # proportional: no tile two terminals off its share when floors allow
+        for m, k in zip(sizes, ks, strict=True):
+            assert k <= max(-(-m // cap), m * total / n + 1)
+    assert tile_terminals(sizes, total, cap) == ks  # deterministic
 
 
 def test_tiled_plan_sites_are_the_medoids_of_their_clusters(tiled: tuple) -> None:

@@ -69,6 +69,13 @@ SWAP_PASSES = 2
 SWAP_NEIGHBOURS = 4
 SWAP_MIN_GAIN = 1e-9
 
+# solve_quick (the tile schedule): at most this many plain Lloyd rounds, then this many
+# exact bounded rounds. On 300-meter tiles (uniform, seeds 0-9) 1 exact round gave
+# 3-4 % more mean distance than 2, and 2 were within 1 % of solve's rounds to convergence
+# at a third of its time.
+LLOYD_ROUNDS = 20
+EXACT_ROUNDS = 2
+
 # Medoids of many small clusters are computed together through a padded
 # (clusters, m, m) block; this caps a block at 2**20 entries (8 MB of float64,
 # twice that for the coordinate differences), within the terminal's budget.
@@ -311,6 +318,71 @@ def solve(pts: np.ndarray, k: int, cap: int, rng: np.random.Generator, eps: floa
         centres = pts[sites]
     return Plan(assign=assign, sites=sites.astype(np.int64), centres=centres, rounds=rounds,
                 converged=converged, repair_moves=repair.moves, repair_cost_m=repair.cost_m)
+
+
+def solve_quick(pts: np.ndarray, k: int, cap: int, rng: np.random.Generator, eps: float,
+                lloyd_rounds: int = LLOYD_ROUNDS, exact_rounds: int = EXACT_ROUNDS,
+                min_load: int = 0) -> Plan:
+    """The tile schedule: k-means++, plain Lloyd rounds, then a few exact bounded rounds.
+
+    Lloyd's rounds (centroids, no capacity) are a few numpy calls each and
+    bring the centres near where ``solve``'s rounds would settle; the exact
+    rounds (bounded assignment, then medoids) then start close and are only
+    ``exact_rounds``. Capacity and the lower bound hold as in ``solve``. Why:
+    on 300-meter tiles one exact round costs ~5 ms, so ten of them per tile
+    put a province (3 000+ tiles a million meters) past what two cores do in
+    seconds; the mean distance measured within 1 % of ``solve``'s (module
+    ``tiling``'s figures).
+    """
+    sites = kmeans_pp(pts, k, rng)
+    centres = lloyd(pts, pts[sites].copy(), lloyd_rounds, eps)
+    prices: np.ndarray | None = None
+    assign = np.zeros(len(pts), dtype=np.int64)
+    repair = Repair(0, 0.0)
+    moved = np.full(k, np.inf)
+    for _ in range(exact_rounds):
+        if min_load > 0:
+            assign, repair = assign_bounded(distances(pts, centres), cap, min_load, prices)
+        else:
+            assign, repair = assign_capacitated(pts, centres, cap, prices=prices)
+        prices = repair.prices
+        medoids = cluster_medoids(pts, assign, k)
+        empty = np.flatnonzero(medoids < 0)
+        if len(empty):
+            medoids[empty] = _reseed(pts, centres, assign, medoids, sites, empty)
+        moved = np.linalg.norm(pts[medoids] - centres, axis=1)
+        sites = medoids
+        centres = pts[sites]
+    return Plan(assign=assign, sites=sites.astype(np.int64), centres=centres,
+                rounds=exact_rounds, converged=bool(moved.max() <= eps),
+                repair_moves=repair.moves, repair_cost_m=repair.cost_m)
+
+
+def lloyd(pts: np.ndarray, centres: np.ndarray, rounds: int, eps: float) -> np.ndarray:
+    """Plain k-means rounds (nearest centre, then centroids) until no centre moves more
+    than ``eps`` or ``rounds`` are done. A centre that loses all its meters stays put."""
+    k = len(centres)
+    for _ in range(rounds):
+        assign = np.argmin(_sq_dists(pts, centres), axis=1)
+        count = np.bincount(assign, minlength=k).astype(np.float64)
+        new = centres.copy()
+        held = count > 0
+        for axis in (0, 1):
+            new[held, axis] = (np.bincount(assign, pts[:, axis], minlength=k)[held]
+                               / count[held])
+        moved = float(np.sqrt(((new - centres) ** 2).sum(axis=1)).max())
+        centres = new
+        if moved <= eps:
+            break
+    return centres
+
+
+def _sq_dists(pts: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(n, k) squared distances, |p|^2 - 2 p.c + |c|^2 (one matrix product, not n k pairs)."""
+    out = pts @ (-2.0 * centres.T)
+    out += np.einsum("ij,ij->i", pts, pts)[:, None]
+    out += np.einsum("ij,ij->i", centres, centres)[None, :]
+    return out
 
 
 def kmeans_pp(pts: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
