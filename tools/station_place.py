@@ -8,17 +8,17 @@ join sent elsewhere, migration to make room): the station hears them.
 ``replan(fleet, terminals)`` is the paper's "re-run steps 1-4 for the
 affected area" for the terminals named: their meters (as the terminals
 report them) are assigned again to those terminals' provisioned sites (the
-boxes stand where they stand) by the exact capacitated assignment of the
-planner (``agent.placement.capacity.assign_capacitated``, least total
-distance, no terminal over its capacity). Every meter whose home changes is
-one MIGRATE, ordered through its home (wire StationMigrate), endorsed by the
-majority, its key handed over. The moves go as one batch, in waves so that
-no committed height puts a terminal over its capacity: a wave holds only
-moves into terminals with room counting the wave's own arrivals, and sends
-them all at once (the proposer batches what arrives in one round into one
-block); moves into a full terminal wait for the next wave, after the
-terminals they leave have committed. Moves that only a cycle could place
-(every destination full) are reported, not made.
+boxes stand where they stand) with the planner's own objective
+(``agent.placement.plan.assign_to_sites``: no terminal over its capacity,
+none below the planner's lower load bound, then least total distance). Every
+meter whose home changes is one MIGRATE, ordered through its home (wire
+StationMigrate), endorsed by the majority, its key handed over. The moves go
+as one batch, in waves so that no committed height puts a terminal over its
+capacity: a wave holds only moves into terminals with room counting the
+wave's own arrivals, and sends them all at once (the proposer batches what
+arrives in one round into one block); moves into a full terminal wait for
+the next wave, after the terminals they leave have committed. Moves that
+only a cycle could place (every destination full) are reported, not made.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from agent.net.wire import (
     StationPlacement,
     StationReply,
 )
-from agent.placement.capacity import assign_capacitated
+from agent.placement.plan import assign_to_sites
 from tools.station import DEFAULT_TIMEOUT_S, Fleet, StationError, StationLink, reply_fields
 
 
@@ -69,7 +69,7 @@ def plan_moves(fleet: Fleet, answers: dict[str, dict[str, Any]]) -> list[tuple[s
     if not meters:
         return []
     points = np.array([where[m] for m, _ in meters], dtype=float)
-    assign, _ = assign_capacitated(points, sites, cap)
+    assign = assign_to_sites(points, sites, cap)
     return [(m, old, names[int(a)]) for (m, old), a in zip(meters, assign, strict=True)
             if names[int(a)] != old]
 

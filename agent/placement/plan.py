@@ -255,6 +255,24 @@ def _assign(dist: np.ndarray, cap: int, min_load: int) -> tuple[np.ndarray, Repa
     return assign_from_distances(dist, cap, np.zeros(dist.shape[1]))
 
 
+def assign_to_sites(points: object, sites: object, cap: int = DEFAULT_CAP) -> np.ndarray:
+    """The plan's objective with the sites fixed (the boxes stand where they stand):
+    capacity hard, the lower bound ``default_min_load``, then least total distance.
+    What an area re-plan assigns (tools/station_place.py)."""
+    pts = as_points(points)
+    ctr = as_points(sites, "sites")
+    cap = check_cap(cap)
+    n, k = len(pts), len(ctr)
+    if k < 1:
+        raise ValueError("there must be at least one site")
+    if n > k * cap:
+        raise ValueError(f"infeasible: {n} meters but {k} sites x cap {cap} = {k * cap} places")
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    assign, _ = _assign(distances(pts, ctr), cap, default_min_load(n, k))
+    return assign
+
+
 def default_starts(n: int) -> int:
     """How many starts ``plan`` runs on n meters by default (see ``START_WORK``)."""
     return max(MIN_STARTS, min(MAX_STARTS, START_WORK // max(n, 1)))
