@@ -12,6 +12,7 @@ from agent.placement.geometry import distances
 from agent.placement.metrics import loads, plan_metrics
 from agent.placement.plan import (
     BALANCED,
+    default_max_load,
     default_min_load,
     objective,
     plan,
@@ -87,6 +88,7 @@ def test_plan_keeps_cap_assigns_once_and_respects_the_lower_bound(case, starts) 
     p = plan(pts, cap=cap, k=k, seed=1, **{**BALANCED, "starts": starts})
     load = check(pts, p.assign, k, cap)
     assert load.min() >= min(default_min_load(len(pts), k), cap)
+    assert load.max() <= default_max_load(len(pts), k, cap)
 
 
 @settings(max_examples=15, deadline=None)

@@ -17,7 +17,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.placement.metrics import loads
-from agent.placement.plan import cluster_medoids, default_min_load, terminals_needed
+from agent.placement.plan import (
+    cluster_medoids,
+    default_max_load,
+    default_min_load,
+    terminals_needed,
+)
 from agent.placement.tiling import TileJob, plan_tile, plan_tiled, split_tiles, tile_terminals
 
 EMULATED = bool(os.environ.get("EDGEKEY_EMULATED"))
@@ -106,13 +111,14 @@ def test_tiled_plan_keeps_each_terminal_inside_its_tile(tiled: tuple) -> None:
     assert len(p.sites) == sum(tile_terminals([len(t) for t in tiles], len(p.sites), CAP))
 
 
-def test_every_tile_keeps_the_lower_load_bound(tiled: tuple) -> None:
+def test_every_tile_keeps_the_balance_band(tiled: tuple) -> None:
     _pts, p, tiles = tiled
     load = loads(p.assign, len(p.sites))
     for i, idx in enumerate(tiles):
         mine = np.flatnonzero(p.tile == i)
         assert load[mine].sum() == len(idx)
         assert load[mine].min() >= default_min_load(len(idx), len(mine))
+        assert load[mine].max() <= default_max_load(len(idx), len(mine), CAP)
 
 
 @given(st.lists(st.integers(1, 2000), min_size=1, max_size=40), st.integers(1, 40),

@@ -292,7 +292,7 @@ def _lift_data_limit() -> None:
 
 def placement_step(out: Path) -> None:
     """Plan the paper's layout (Figures 4-5), then re-home meters joining and leaving."""
-    from agent.placement.plan import plan
+    from agent.placement.place import place
     from agent.placement.rehome import Migrate, Placement, ReplanNeeded, SiteMoved
     from tools import meters_gen
 
@@ -303,23 +303,23 @@ def placement_step(out: Path) -> None:
     if subprocess.run(cmd, check=False, preexec_fn=_lift_data_limit).returncode:
         raise SystemExit("demo: edgekey plan failed")
     pts = meters_gen.generate("clustered", seed=0)
-    p = plan(pts, cap=25, seed=0)
+    p = place(pts, cap=25, seed=0)
     ids = [f"M{i:04d}" for i in range(len(pts))]
-    place = Placement.from_assignment(ids, pts, p.assign, p.centres, cap=25)
+    placed = Placement.from_assignment(ids, pts, p.assign, p.centres, cap=25)
     rng = np.random.default_rng(1)
     joined = migrations = replans = moved = 0
     for i in range(20):  # new meters in the busiest terminal's village
-        busiest = int(np.argmax(place.arrays().loads))
-        xy = place.site(busiest) + rng.normal(0.0, 60.0, 2)
-        events = place.join(f"N{i:03d}", xy)
+        busiest = int(np.argmax(placed.arrays().loads))
+        xy = placed.site(busiest) + rng.normal(0.0, 60.0, 2)
+        events = placed.join(f"N{i:03d}", xy)
         migrations += sum(isinstance(e, Migrate) for e in events)
         replans += sum(isinstance(e, ReplanNeeded) for e in events)
         moved += sum(isinstance(e, SiteMoved) for e in events)
         joined += not any(isinstance(e, ReplanNeeded) for e in events)
     for meter in ids[:10]:
-        moved += sum(isinstance(e, SiteMoved) for e in place.leave(meter))
-    place.check()
-    m = place.metrics()
+        moved += sum(isinstance(e, SiteMoved) for e in placed.leave(meter))
+    placed.check()
+    m = placed.metrics()
     print(f"terminal-side re-homing: 20 meters join next to the busiest terminal: {joined} "
           f"homed, {migrations} existing meters migrated (ledger migrate operations), "
           f"{replans} re-plans requested; 10 meters leave; {moved} site advisories; "

@@ -119,7 +119,8 @@ def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name:
     from agent.keystore.transport import public_bytes
     from agent.ledger.block import genesis
     from agent.ledger.identity import TerminalIdentity
-    from agent.placement.plan import DEFAULT_CAP, plan
+    from agent.placement.place import place
+    from agent.placement.plan import DEFAULT_CAP
     from hal.board import board_path, load_board
 
     board = load_board(board_path(board_name))
@@ -127,7 +128,7 @@ def provision_fleet(directory: Path, *, terminals: int, meters: int, board_name:
     rng = np.random.default_rng(seed)
     points = rng.uniform(0.0, AREA_M, size=(meters, 2))
     cap = max(DEFAULT_CAP, -(-meters // terminals))
-    p = plan(points, k=terminals, cap=cap, seed=seed)
+    p = place(points, k=terminals, cap=cap, seed=seed)
     utility = Ed25519PrivateKey.from_private_bytes(derive(seed, "utility"))
     raw = serialization.Encoding.Raw
     _secret_file(directory / "utility.key", utility.private_bytes(

@@ -11,16 +11,20 @@ Both steps can only lower the total meter-to-terminal distance (the
 assignment is optimal for the centres, the medoid for its cluster), so the
 rounds settle; ``max_rounds`` bounds them when ties make equal plans alternate.
 
-Balance (``plan``'s defaults): the assignment also has a lower bound,
-``min_load`` = floor(n / k) - 2 meters per terminal (``capacity.assign_bounded``,
-exact, relaxed only to what n and k allow), ``starts`` seeded k-means++
-starts are run and the kept one is polished by local site swaps between
-neighbouring clusters (``polish``). The objective, lexicographic: (a) capacity ``cap`` hard;
-(b) the lower bound hard; (c) least mean meter-terminal distance; (d) least
-load variance to break ties. Why: the bound alone caps the spread of loads
-(21..25 for 300 meters on 13 terminals), so variance is set by a constraint
-the operator can read, not by a weight lambda traded against metres; within
-it distance is what costs PLC signal, so the starts compete on distance.
+Balance (``plan(**BALANCED)``, what ``place`` runs): every terminal's load
+is held in a band, floor(n / k) - 2 to ceil(n / k) + 2 meters and never over
+``cap`` (the lower end by ``capacity.assign_bounded``, exact, relaxed only to
+what n and k allow; the upper end as a tighter capacity), ``starts`` seeded
+k-means++ starts are run and the kept one is polished by local site swaps
+between neighbouring clusters (``polish``). The objective, lexicographic:
+(a) capacity ``cap`` hard; (b) the band hard; (c) least mean meter-terminal
+distance; (d) least load variance to break ties. Why: the band alone caps
+the spread of loads (21..25 for 300 meters on 13 terminals; 16..21 for 55 on
+3), so variance is set by a constraint the operator can read, not by a
+weight lambda traded against metres; within it distance is what costs PLC
+signal, so the starts compete on distance. What the band costs: where
+meters cluster, a looser balance would be shorter (README, "Balance beside
+distance").
 
 Memory is O(n k) (the distance matrix of one round): this is for a single
 area of up to a few thousand meters; ``tiling.plan_tiled`` is the scale path.
@@ -120,13 +124,15 @@ def terminals_needed(n: int, cap: int = DEFAULT_CAP, margin: float = DEFAULT_MAR
 
 # plan(..., **BALANCED): the lower load bound, several starts and local swaps, each at
 # its default for the area's size.
-BALANCED: dict[str, object] = {"starts": None, "min_load": None, "swaps": True}
+BALANCED: dict[str, object] = {"starts": None, "min_load": None, "max_load": None,
+                               "swaps": True}
 
 
 def plan(points: object, *, cap: int = DEFAULT_CAP, k: int | None = None,
          margin: float = DEFAULT_MARGIN, seed: int = 0, eps: float = 1.0,
          max_rounds: int = 100, starts: int | None = 1,
-         min_load: int | None = 0, swaps: bool = False) -> Plan:
+         min_load: int | None = 0, max_load: int | None = 0,
+         swaps: bool = False) -> Plan:
     """Cluster the meters and site one terminal at each cluster's medoid (eq. 1-4).
 
     ``k`` defaults to ``terminals_needed(n, cap, margin)``, capped at n so the
@@ -145,7 +151,9 @@ def plan(points: object, *, cap: int = DEFAULT_CAP, k: int | None = None,
     ``starts`` seeded k-means++ starts are run (start 0 from ``seed`` itself,
     start i from ``[seed, i]``; None: ``default_starts(n)``) and the best by
     ``objective`` is kept. ``min_load`` is the lower load bound (None:
-    ``default_min_load``; 0 for none, relaxed to n // k if higher). ``swaps``
+    ``default_min_load``; 0 for none, relaxed to n // k if higher), ``max_load``
+    the upper one (None: ``default_max_load``; 0 for ``cap`` alone; never below
+    ceil(n / k)). ``swaps``
     then polishes the kept plan (``polish``). The defaults are still the
     planner before balancing (one start, no bound, no swaps): ``**BALANCED``
     asks for the balanced plan, which is about 100x slower (0.5 s at 300
@@ -169,6 +177,10 @@ def plan(points: object, *, cap: int = DEFAULT_CAP, k: int | None = None,
     starts = default_starts(n) if starts is None else require_int("starts", starts, min=1)
     low = default_min_load(n, k) if min_load is None else require_int("min_load", min_load,
                                                                        min=0)
+    if max_load is None:
+        cap = default_max_load(n, k, cap)
+    elif max_load:
+        cap = min(cap, max(-(-n // k), require_int("max_load", max_load, min=1)))
     best: Plan | None = None
     best_score: tuple[float, float] | None = None
     for i in range(starts):
@@ -276,6 +288,11 @@ def assign_to_sites(points: object, sites: object, cap: int = DEFAULT_CAP) -> np
 def default_starts(n: int) -> int:
     """How many starts ``plan`` runs on n meters by default (see ``START_WORK``)."""
     return max(MIN_STARTS, min(MAX_STARTS, START_WORK // max(n, 1)))
+
+
+def default_max_load(n: int, k: int, cap: int) -> int:
+    """ceil(n / k) + ``MIN_LOAD_SLACK``, at most ``cap``: the upper end of the balanced band."""
+    return min(cap, -(-n // k) + MIN_LOAD_SLACK)
 
 
 def default_min_load(n: int, k: int) -> int:

@@ -36,6 +36,7 @@ from agent.placement.plan import (
     Plan,
     check_rounds,
     check_seed,
+    default_max_load,
     default_min_load,
     solve_quick,
     terminals_needed,
@@ -67,8 +68,9 @@ def plan_tile(job: TileJob) -> Plan:
     """Plan one tile. The seed is derived from the plan's seed and the tile index,
     so the result does not depend on which tiles were planned before or where."""
     rng = np.random.default_rng([job.seed, job.index])
-    low = default_min_load(len(job.points), job.k)
-    return solve_quick(job.points, job.k, job.cap, rng, job.eps,
+    m = len(job.points)
+    low, high = default_min_load(m, job.k), default_max_load(m, job.k, job.cap)
+    return solve_quick(job.points, job.k, high, rng, job.eps,
                        lloyd_rounds=min(LLOYD_ROUNDS, job.max_rounds), min_load=low)
 
 
