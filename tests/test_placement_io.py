@@ -379,3 +379,114 @@ def test_lonlat_plan_is_written_as_lonlat_geojson_and_reads_back(tmp_path: Path)
     assert back.crs == m.crs and np.array_equal(back.xy, m.xy)
     back_csv = pio.read_meters(tmp_path / "assignment.csv")  # lon/lat preferred over x_m/y_m
     assert back_csv.lonlat is not None and np.array_equal(back_csv.xy, m.xy)
+
+
+# ---------------------------------------------------------------- streamed writing
+
+
+def _one_string_csv(header: list[str], rows: list[list[object]]) -> str:
+    """How the files were written before streaming: every row in one list, then one string."""
+    import csv
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows([[repr(v) if isinstance(v, float) else v for v in r] for r in rows])
+    return buf.getvalue()
+
+
+def _one_string_plan(m: pio.Meters, assign: np.ndarray, sites: np.ndarray) -> dict[str, str]:
+    """The four plan files as the one-string writer made them (its code, kept as the oracle)."""
+    geo = m.lonlat is not None
+    pts = m.lonlat if m.lonlat is not None else m.xy
+
+    def coords(i: int) -> list[float]:
+        c = [float(m.xy[i, 0]), float(m.xy[i, 1])]
+        if m.lonlat is not None:
+            c += [float(m.lonlat[i, 0]), float(m.lonlat[i, 1])]
+        return c
+
+    def point(i: int, props: dict, fid: object = None) -> dict:
+        return {"type": "Feature", "id": m.ids[i] if fid is None else fid,
+                "geometry": {"type": "Point", "coordinates": [float(pts[i, 0]),
+                                                              float(pts[i, 1])]},
+                "properties": props}
+
+    def fc(feats: list[dict]) -> str:
+        doc: dict = {"type": "FeatureCollection", "features": feats}
+        if m.lonlat is None:
+            doc["crs"] = pio._crs_member(m.crs)
+        return json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n"
+
+    d = np.linalg.norm(m.xy - m.xy[sites][assign], axis=1)
+    load = np.bincount(assign, minlength=len(sites))
+    terms = []
+    for t, s in enumerate(sites):
+        mine = d[assign == t]
+        terms.append({"terminal": t + 1, "site_meter": m.ids[int(s)], "meters": int(load[t]),
+                      "mean_distance_m": float(mine.mean()) if len(mine) else 0.0,
+                      "max_distance_m": float(mine.max()) if len(mine) else 0.0})
+    head = ["x_m", "y_m"] + (["lon", "lat"] if geo else [])
+    return {
+        "terminals.csv": _one_string_csv(
+            ["terminal", "site_meter", *head, "meters", "mean_distance_m", "max_distance_m"],
+            [[r["terminal"], r["site_meter"], *coords(int(s)), r["meters"],
+              r["mean_distance_m"], r["max_distance_m"]]
+             for r, s in zip(terms, sites, strict=True)]),
+        "assignment.csv": _one_string_csv(
+            ["meter", *head, "terminal", "site_meter", "distance_m"],
+            [[m.ids[i], *coords(i), int(assign[i]) + 1, m.ids[int(sites[assign[i]])],
+              float(d[i])] for i in range(len(m.ids))]),
+        "terminals.geojson": fc([point(int(s), r, r["terminal"])
+                                 for r, s in zip(terms, sites, strict=True)]),
+        "assignment.geojson": fc([point(i, {"terminal": int(assign[i]) + 1,
+                                            "site_meter": m.ids[int(sites[assign[i]])],
+                                            "distance_m": float(d[i])})
+                                  for i in range(len(m.ids))]),
+        "meters.csv": _one_string_csv(
+            ["id", "lon", "lat"] if geo else ["id", "x_m", "y_m"],
+            [[i, float(a), float(b)] for i, (a, b) in zip(m.ids, pts, strict=True)]),
+        "meters.geojson": fc([point(i, {}) for i in range(len(m.ids))]),
+    }
+
+
+@pytest.mark.parametrize("degrees", [False, True])
+def test_streamed_files_are_byte_for_byte_the_one_string_writers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, degrees: bool) -> None:
+    monkeypatch.setattr(pio, "WRITE_CHUNK_ROWS", 7)  # 103 meters: 15 chunks, a short last one
+    rng = np.random.default_rng(4)
+    n, k = 103, 10
+    xy = rng.random((n, 2)) * 5000.0
+    ids = tuple(f"m{i}" if i % 9 else f'bank, "{i}"\r\nnext' for i in range(n))
+    lonlat = xy / 1e5 + (120.0, 30.0) if degrees else None
+    m = pio.Meters(ids, xy, "EPSG:32651" if degrees else pio.LOCAL_METRES, "t", lonlat=lonlat)
+    assign = rng.integers(0, k - 1, n)  # terminal k - 1 serves nobody: 0.0 distances
+    sites = np.array([int(np.flatnonzero(assign == t)[0]) for t in range(k - 1)] + [5])
+    pio.write_plan(tmp_path, m, assign, sites)
+    pio.write_meters_csv(tmp_path / "meters.csv", m)
+    pio.write_meters_geojson(tmp_path / "meters.geojson", m)
+    for name, text in _one_string_plan(m, assign, sites).items():
+        assert (tmp_path / name).read_bytes() == text.encode("utf-8"), name
+
+
+def test_plan_without_geojson_writes_the_csvs_only(tmp_path: Path) -> None:
+    m = pio.metres_meters(np.array([[0.0, 0.0], [10.0, 0.0], [500.0, 0.0]]))
+    paths = pio.write_plan(tmp_path, m, np.array([0, 0, 1]), np.array([0, 2]), geojson=False)
+    assert sorted(p.name for p in paths) == ["assignment.csv", "terminals.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assignment.csv", "terminals.csv"]
+
+
+def test_generated_meters_are_numbered_without_holding_every_id() -> None:
+    m = pio.metres_meters(np.zeros((12, 2)) + np.arange(12)[:, None])
+    ids = m.ids
+    assert isinstance(ids, pio.NumberedIds) and len(ids) == 12
+    plain = tuple(str(i) for i in range(1, 13))
+    assert ids == plain and plain == ids and list(ids) == list(plain)
+    for sl in (slice(3, 6), slice(10, 20), slice(None, None, 5), slice(None, None, -1),
+               slice(-3, None), slice(8, 2, -2)):
+        assert ids[sl] == plain[sl]
+    assert (ids[0], ids[-1]) == ("1", "12")
+    with pytest.raises(IndexError):
+        ids[12]
+    assert ids != plain[:-1] and ids == pio.NumberedIds(12) and ids != pio.NumberedIds(11)

@@ -254,3 +254,174 @@ def test_grid_terminals_are_numbered_by_their_cell_rows() -> None:
     lay = grid_scheme(pts, origin=(0.0, 0.0))
     assert plan_cmd.layout_numbers(lay, 1000.0)[lay.assign].tolist() == [1, 2, 3]
     assert plan_cmd.reading_order(lay.centres, 1000.0)[lay.assign].tolist() == [1, 3, 2]
+
+
+# ---------------------------------------------------------------- one planner entry, skips, files
+
+
+def test_plan_defaults_come_from_the_one_planner_entry() -> None:
+    from agent.placement import place
+    from agent.placement.tiling import DEFAULT_TILE_METERS
+    from tools import bench_placement
+
+    args = _parser().parse_args(["plan"])
+    assert (args.tiled_above, args.max_rounds, args.tile_meters) == (
+        place.TILED_ABOVE, place.MAX_ROUNDS, DEFAULT_TILE_METERS)
+    assert args.geojson == "auto"
+    assert not hasattr(bench_placement, "TILED_ABOVE")  # no second threshold to drift
+
+
+@pytest.mark.host_only
+def test_cli_and_bench_placement_reach_the_same_planner_entry(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("scipy")
+    import inspect
+
+    from agent.placement import place
+    from tools import bench_placement
+
+    real = place.place
+    calls: list[dict[str, object]] = []
+
+    def recording(*a: object, **kw: object) -> object:
+        bound = inspect.signature(real).bind(*a, **kw)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(place, "place", recording)
+    status, _, err = _run(["--meters", "120", "--generate", "uniform", "--no-figures",
+                           "--no-extras", "--no-progress", "--geojson", "never",
+                           "--out", str(tmp_path)], capsys)
+    assert status == 0, err
+    assert bench_placement.run_one("ours", 120, 0)["capacity_violations"] == 0
+    assert len(calls) == 2
+    for call in calls:
+        assert (call["tiled_above"], call["max_rounds"]) == (place.TILED_ABOVE,
+                                                             place.MAX_ROUNDS)
+        assert (call["cap"], call["margin"]) == (25, 0.05)
+
+
+def test_skipped_schemes_follow_the_stated_thresholds() -> None:
+    from tools import placement_baselines as pb
+
+    at = pb.BASELINE_MAX_METERS
+    assert "voronoi" not in plan_cmd.skipped_schemes(at, False)
+    over = plan_cmd.skipped_schemes(at + 1, False)
+    assert {"voronoi", "grid", "kmeans", "fasterpam"} <= set(over)
+    assert f"over {at:,} meters" in over["voronoi"]
+    assert plan_cmd.skipped_schemes(10, True) == {"kmeans": "--no-extras",
+                                                  "fasterpam": "--no-extras"}
+
+
+@pytest.mark.host_only
+def test_baselines_over_the_threshold_are_skipped_and_said_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    from tools import placement_baselines as pb
+
+    monkeypatch.setattr(pb, "BASELINE_MAX_METERS", 100)
+    status, out, err = _run(["--meters", "150", "--generate", "uniform", "--no-extras",
+                             "--no-progress", "--out", str(tmp_path)], capsys)
+    assert status == 0, err
+    assert "voronoi: skipped (over 100 meters" in out and "grid: skipped (over 100 meters" in out
+    assert "\nvoronoi " not in out.split("\n\n")[0]  # no table row
+    report = (tmp_path / "report.md").read_text()
+    assert "- scheme 2: Voronoi cells + medoid: skipped, over 100 meters" in report
+    assert "- scheme 3: square grid + medoid: skipped, over 100 meters" in report
+    meta = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"voronoi", "grid"} <= set(meta["skipped"])
+    assert [r["scheme"] for r in meta["schemes"]] == ["ours"]
+    assert not (tmp_path / "voronoi").exists() and not (tmp_path / "grid").exists()
+    for png in ("figure4.png", "figure5.png"):  # the skipped panels say so
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    t = meta["timings"]
+    assert t["planner_s"] == t["schemes_s"]["ours"][0] > 0
+    assert set(t) >= {"load_s", "outputs_s", "figures_s", "planner_s", "schemes_s"}
+
+
+def test_geojson_auto_writes_up_to_its_stated_size() -> None:
+    at = plan_cmd.GEOJSON_AUTO_MAX_METERS
+    assert plan_cmd.geojson_choice("auto", at) == (True, None)
+    assert plan_cmd.geojson_choice("always", 10 * at) == (True, None)
+    written, note = plan_cmd.geojson_choice("auto", at + 1)
+    assert not written and note is not None and f"over {at:,}" in note
+    written, note = plan_cmd.geojson_choice("never", 1)
+    assert not written and note is not None and "--geojson never" in note
+
+
+@pytest.mark.host_only
+@pytest.mark.parametrize("mode,written,said", [
+    ("never", False, "GeoJSON files left out (--geojson never)"),
+    ("always", True, None),
+    ("auto", False, "GeoJSON files left out: 150 meters is over 100 (--geojson auto)"),
+])
+def test_geojson_option_writes_or_leaves_out_the_twins(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        mode: str, written: bool, said: str | None) -> None:
+    pytest.importorskip("scipy")
+    monkeypatch.setattr(plan_cmd, "GEOJSON_AUTO_MAX_METERS", 100)
+    status, out, err = _run(["--meters", "150", "--generate", "uniform", "--no-extras",
+                             "--no-figures", "--no-progress", "--geojson", mode,
+                             "--out", str(tmp_path)], capsys)
+    assert status == 0, err
+    for scheme in plan_cmd.FIGURE_SCHEMES:
+        assert (tmp_path / scheme / "assignment.csv").exists()
+        for name in ("terminals.geojson", "assignment.geojson"):
+            assert (tmp_path / scheme / name).exists() == written
+    report = (tmp_path / "report.md").read_text()
+    meta = json.loads((tmp_path / "metrics.json").read_text())
+    assert meta["geojson"] is written and f"--geojson {mode}" in report
+    if said is None:
+        assert "GeoJSON files left out" not in out + report
+    else:
+        assert said in out and said in report and meta["notes"][0].startswith(said)
+
+
+# ---------------------------------------------------------------- edgekey bench plan
+
+
+def test_bench_plan_registers_with_its_defaults() -> None:
+    from tools import bench_plan, cli
+
+    args = cli.build_parser().parse_args(["bench", "plan"])
+    assert args.handler is cli._bench_plan and args.out == "bench/results/plan.json"
+    assert [int(float(x)) for x in args.sizes.split(",")] == list(bench_plan.DEFAULT_SIZES)
+    assert [int(x) for x in args.workers.split(",")] == list(bench_plan.DEFAULT_WORKERS)
+    assert args.limit_s == bench_plan.DEFAULT_LIMIT_S
+
+
+def test_bench_plan_skips_larger_sizes_after_a_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools import bench_plan
+
+    def fake(n: int, workers: int, **_: object) -> dict[str, object]:
+        if n >= 2000 and workers == 1:
+            return {"n": n, "workers": workers, "status": "did not finish in 5 s"}
+        return {"n": n, "workers": workers, "status": "ok", "wall_s": 2.0, "planner_s": 1.5,
+                "other_s": 0.5, "peak_rss_mib": 90.0, "tree_pss_mib": 80.0,
+                "written_mib": 1.0, "skipped": ["kmeans"]}
+
+    monkeypatch.setattr(bench_plan, "run_one", fake)
+    result = bench_plan.run([3000, 1000, 2000], [1, 2], limit_s=5)
+    got = [(r["n"], r["workers"], r["status"].split(":")[0]) for r in result["runs"]]
+    assert got == [(1000, 1, "ok"), (1000, 2, "ok"), (2000, 1, "did not finish in 5 s"),
+                   (2000, 2, "ok"), (3000, 1, "skipped"), (3000, 2, "ok")]
+    table = dict(bench_plan.rows(result))
+    assert "planner     1.5 s" in table["n=     1,000  workers 1"]
+    assert table["n=     3,000  workers 1"] == "skipped: n=2,000 did not finish in 5 s"
+
+
+@pytest.mark.host_only
+def test_bench_plan_runs_the_command_and_reads_its_timings() -> None:
+    pytest.importorskip("matplotlib")
+    from tools import bench_plan
+
+    r = bench_plan.run_one(300, 2, limit_s=120)
+    assert r["status"] == "ok", r
+    assert 0 < r["planner_s"] < r["wall_s"] and r["other_s"] == r["wall_s"] - r["planner_s"]
+    assert r["peak_rss_mib"] > 30 and r["tree_pss_mib"] > 0 and r["written_mib"] > 0
+    assert r["skipped"] == [] and r["geojson"] is True
+    missed = bench_plan.run_one(300, 1, limit_s=0.2)
+    assert missed["status"] == "did not finish in 0 s"

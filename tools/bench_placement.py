@@ -1,11 +1,12 @@
 """``edgekey bench placement``: runtime and peak memory of planning at scale.
 
-Ours (``plan`` up to ``TILED_ABOVE`` meters, ``plan_tiled`` beyond) against
-two library anchors on the same points: scikit-learn's KMeans (Lloyd, no
-capacity bound, centres are means not meters) and FasterPAM from the
-``kmedoids`` package (true medoids, no capacity bound, needs the full
-distance matrix). Every run is its own process, so its peak RSS is its own,
-and has a time limit: a run that does not finish is reported as such.
+Ours (``agent.placement.place.place``, the entry ``edgekey plan`` calls, with
+its own tiling threshold and round limit) against two library anchors on the
+same points: scikit-learn's KMeans (Lloyd, no capacity bound, centres are
+means not meters) and FasterPAM from the ``kmedoids`` package (true medoids,
+no capacity bound, needs the full distance matrix). Every run is its own
+process, so its peak RSS is its own, and has a time limit: a run that does
+not finish is reported as such.
 
 Points are uniform at the paper's density (300 meters in 3.5 km x 4 km,
 about 21 meters per km^2), the area growing with n; seeded.
@@ -26,7 +27,6 @@ import numpy as np
 from tools.report import peak_rss_mib
 
 PAPER_DENSITY_PER_M2 = 300 / (3500 * 4000)
-TILED_ABOVE = 20_000
 CAP = 25
 MARGIN = 0.05
 METHODS = ("ours", "sklearn-kmeans", "fasterpam")
@@ -40,19 +40,16 @@ def points(n: int, seed: int) -> np.ndarray:
 
 def run_one(method: str, n: int, seed: int) -> dict[str, Any]:
     """Plan once in this process; the figures of that one run."""
+    from agent.placement import place as placement
     from agent.placement.metrics import plan_metrics
-    from agent.placement.plan import plan, terminals_needed
+    from agent.placement.plan import terminals_needed
 
     pts = points(n, seed)
     k = terminals_needed(n, CAP, MARGIN)
     t0 = time.perf_counter()
     if method == "ours":
-        if n > TILED_ABOVE:
-            from agent.placement.tiling import plan_tiled
-
-            p = plan_tiled(pts, cap=CAP, margin=MARGIN, seed=seed)
-        else:
-            p = plan(pts, cap=CAP, margin=MARGIN, seed=seed)
+        # place's own TILED_ABOVE and MAX_ROUNDS: what is measured is what the CLI runs.
+        p = placement.place(pts, cap=CAP, margin=MARGIN, seed=seed)
         assign, sites = p.assign, p.centres
     elif method == "sklearn-kmeans":
         from sklearn.cluster import KMeans

@@ -66,10 +66,27 @@ def _bench_placement(args: argparse.Namespace) -> int:
                  bench_placement.rows(results), "edgekey bench placement", args.out)
 
 
+def _bench_plan(args: argparse.Namespace) -> int:
+    from tools import bench_plan
+
+    try:
+        sizes = [int(float(x)) for x in args.sizes.split(",")]
+        workers = [int(x) for x in args.workers.split(",")]
+    except ValueError:
+        print(f"edgekey: --sizes and --workers take comma-separated whole numbers, got "
+              f"{args.sizes!r} and {args.workers!r}", file=sys.stderr)
+        return 2
+    if min(sizes) < 1 or min(workers) < 1:
+        print("edgekey: sizes and worker counts must be at least 1", file=sys.stderr)
+        return 2
+    result = bench_plan.run(sizes, workers, seed=args.seed, limit_s=args.limit_s)
+    return _emit(result, bench_plan.rows(result), "edgekey bench plan", args.out)
+
+
 def _bench_rehome(args: argparse.Namespace) -> int:
     from tools import bench_rehome
 
-    result = bench_rehome.run(ops=args.ops, seed=args.seed)
+    result = bench_rehome.run(ops=args.ops, seed=args.seed, balance_seeds=args.balance_seeds)
     return _emit(result, bench_rehome.rows(result), "edgekey bench rehome", args.out)
 
 
@@ -224,10 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default="bench/results/placement.json")
     pl.set_defaults(handler=_bench_placement)
 
+    bp = bench.add_parser("plan", help="the whole `edgekey plan` command at scale: wall time, "
+                                       "the planner's share, peak RSS, per worker count")
+    bp.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated meter counts")
+    bp.add_argument("--workers", default="1,2", help="comma-separated --workers values")
+    bp.add_argument("--seed", type=int, default=0)
+    bp.add_argument("--limit-s", type=float, default=1800.0,
+                    help="time limit of one run; larger sizes are skipped after a miss")
+    bp.add_argument("--out", default="bench/results/plan.json")
+    bp.set_defaults(handler=_bench_plan)
+
     rh = bench.add_parser("rehome", help="the terminal's placement work: plan the paper's "
-                                         "setting, join/leave latency")
+                                         "setting, join/leave latency, balance under churn")
     rh.add_argument("--ops", type=int, default=400, help="leave+join pairs to time")
     rh.add_argument("--seed", type=int, default=0)
+    rh.add_argument("--balance-seeds", type=int, default=5,
+                    help="seeds of each churn scenario whose balance is set beside a fresh plan")
     rh.add_argument("--out", default="bench/results/rehome.json")
     rh.set_defaults(handler=_bench_rehome)
 

@@ -31,6 +31,12 @@ from hal.require import require_int
 FASTERPAM_MAX_METERS = 5000
 # Lloyd's KMeans costs n k per iteration with k ~ n / 24: 1.7e7 at 20 000 meters.
 KMEANS_MAX_METERS = 20_000
+# The paper's schemes 2 and 3 (``edgekey plan`` skips both above this). Measured on a
+# 2-core x86 desk, uniform meters at the paper's density: Voronoi takes 5.3 s at 10^5
+# (17 rounds) and 43 s and 210 MiB at 10^6, as its rounds grow with n; the grid takes
+# 0.2 s at 10^5 there, but its medoids cost the square of the meters per cell, so in
+# the paper's 3.5 km x 4 km area it takes 4.6 s at 10^5 and 47 s at 3 x 10^5 meters.
+BASELINE_MAX_METERS = 100_000
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ import io
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO, overload
 
 import numpy as np
 
@@ -73,11 +73,54 @@ class PlacementInputError(ValueError):
         super().__init__(f"{', '.join(where)}: {reason}")
 
 
+class NumberedIds(Sequence[str]):
+    """The ids "1".."n" of generated meters, each made when asked for.
+
+    A tuple of them costs about 65 bytes a meter (650 MB at 10^7); this costs
+    nothing, and equals any sequence of the same strings.
+    """
+
+    __slots__ = ("_n",)
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[str, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> str | tuple[str, ...]:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._n)
+            return tuple(map(str, range(start + 1, stop + 1, step)))
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError(f"meter {i} of {self._n}")
+        return str(j + 1)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NumberedIds):
+            return self._n == other._n
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == self._n and all(a == b for a, b in zip(self, other,
+                                                                         strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"NumberedIds({self._n})"
+
+
 @dataclass(frozen=True)
 class Meters:
     """Meters ready to plan: ids, metres in the planning plane, and what they were read as."""
 
-    ids: tuple[str, ...]
+    ids: Sequence[str]  # a tuple as read, or NumberedIds for generated meters
     xy: np.ndarray  # (n, 2) metres in the planning CRS
     crs: str  # "EPSG:32651", or LOCAL_METRES for metres of unknown CRS
     source: str
@@ -518,6 +561,13 @@ def unproject(xy: np.ndarray, epsg: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- writing
 
+# Rows per chunk when a per-meter file is streamed. A chunk of GeoJSON features
+# (nested dicts, the heaviest rows) takes about 60 MB at this size: edgekey plan
+# on 10^6 meters peaks at 240 MiB with --geojson always, 179 MiB without (311 MiB
+# with 50 000-row chunks). Before streaming, every row of a file was held as
+# boxed values and then the whole text as one string: 1.7 GB peak at 10^6.
+WRITE_CHUNK_ROWS = 20_000
+
 
 def _crs_member(crs: str) -> dict[str, Any]:
     m = re.fullmatch(r"EPSG:(\d+)", crs)
@@ -525,99 +575,161 @@ def _crs_member(crs: str) -> dict[str, Any]:
     return {"type": "name", "properties": {"name": name}}
 
 
-def _write_text(path: Path, text: str) -> Path:
+def _open(path: Path) -> TextIO:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8", newline="")
+    return path.open("w", encoding="utf-8", newline="")
+
+
+def _write_csv(path: Path, header: Sequence[str], chunks: Iterable[Iterable[Sequence[Any]]]
+               ) -> Path:
+    """A CSV written chunk by chunk; \\r\\n ends rows, so ids holding \\r or \\n get quoted.
+
+    Floats arrive as Python floats, which csv writes as ``repr``: the shortest
+    text that reads back to the same double.
+    """
+    with _open(path) as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for rows in chunks:
+            w.writerows(rows)
     return path
 
 
-def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)  # \r\n ends rows, so ids holding \r or \n get quoted
-    w.writerow(header)
-    w.writerows([[repr(v) if isinstance(v, float) else v for v in r] for r in rows])
-    return buf.getvalue()
+def _spans(n: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, n, WRITE_CHUNK_ROWS):
+        yield lo, min(n, lo + WRITE_CHUNK_ROWS)
+
+
+def _coords(meters: Meters) -> np.ndarray:
+    """The coordinates as read: lon/lat for degree input, else the planning plane's metres."""
+    return meters.lonlat if meters.lonlat is not None else meters.xy
 
 
 def write_meters_csv(path: str | Path, meters: Meters) -> Path:
     """The meters as read: ``id,lon,lat`` for degree input, ``id,x_m,y_m`` otherwise."""
-    pts = meters.lonlat if meters.lonlat is not None else meters.xy
+    pts = _coords(meters)
     header = ["id", "lon", "lat"] if meters.lonlat is not None else ["id", "x_m", "y_m"]
-    rows = [[i, float(a), float(b)] for i, (a, b) in zip(meters.ids, pts, strict=True)]
-    return _write_text(Path(path), _csv_text(header, rows))
+    chunks = (zip(meters.ids[lo:hi], pts[lo:hi, 0].tolist(), pts[lo:hi, 1].tolist(),
+                  strict=True) for lo, hi in _spans(len(meters.ids)))
+    return _write_csv(Path(path), header, chunks)
 
 
-def _feature_collection(meters: Meters, features: list[dict[str, Any]]) -> str:
-    doc: dict[str, Any] = {"type": "FeatureCollection", "features": features}
-    if meters.lonlat is None:
-        doc["crs"] = _crs_member(meters.crs)
-    return json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n"
+def _write_features(path: Path, meters: Meters,
+                    chunks: Iterable[list[dict[str, Any]]]) -> Path:
+    """A FeatureCollection written chunk by chunk, byte for byte what one json.dumps gives."""
+    with _open(path) as f:
+        f.write('{"type": "FeatureCollection", "features": [')
+        first = True
+        for feats in chunks:
+            if not feats:
+                continue
+            text = json.dumps(feats, ensure_ascii=False, allow_nan=False)[1:-1]
+            f.write(text if first else ", " + text)
+            first = False
+        f.write("]")
+        if meters.lonlat is None:
+            f.write(', "crs": ' + json.dumps(_crs_member(meters.crs), ensure_ascii=False))
+        f.write("}\n")
+    return path
 
 
-def _point(meters: Meters, i: int, props: dict[str, Any],
-           feature_id: str | int | None = None) -> dict[str, Any]:
-    pts = meters.lonlat if meters.lonlat is not None else meters.xy
-    return {"type": "Feature", "id": meters.ids[i] if feature_id is None else feature_id,
-            "geometry": {"type": "Point", "coordinates": [float(pts[i, 0]), float(pts[i, 1])]},
-            "properties": props}
+def _feature(feature_id: str | int, x: float, y: float, props: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "Feature", "id": feature_id,
+            "geometry": {"type": "Point", "coordinates": [x, y]}, "properties": props}
 
 
 def write_meters_geojson(path: str | Path, meters: Meters) -> Path:
     """The meters as Point features (lon/lat for degree input, else metres with a crs member)."""
-    feats = [_point(meters, i, {}) for i in range(len(meters.ids))]
-    return _write_text(Path(path), _feature_collection(meters, feats))
+    pts = _coords(meters)
+    chunks = ([_feature(i, x, y, {}) for i, x, y in zip(
+        meters.ids[lo:hi], pts[lo:hi, 0].tolist(), pts[lo:hi, 1].tolist(), strict=True)]
+        for lo, hi in _spans(len(meters.ids)))
+    return _write_features(Path(path), meters, chunks)
 
 
-def _terminal_rows(meters: Meters, assign: np.ndarray, sites: np.ndarray) -> list[dict[str, Any]]:
-    d = np.linalg.norm(meters.xy - meters.xy[sites][assign], axis=1)
-    load = loads(assign, len(sites))
-    out = []
-    for t, s in enumerate(sites):
-        mine = d[assign == t]
-        out.append({"terminal": t + 1, "site_meter": meters.ids[int(s)], "meters": int(load[t]),
-                    "mean_distance_m": float(mine.mean()) if len(mine) else 0.0,
-                    "max_distance_m": float(mine.max()) if len(mine) else 0.0})
-    return out
+def _terminal_stats(assign: np.ndarray, d: np.ndarray, k: int
+                    ) -> tuple[np.ndarray, list[float], list[float]]:
+    """Meters, mean and max distance per terminal.
+
+    One stable sort instead of a mask per terminal (n k work: hours at 10^6
+    meters); each group keeps the meters' order, so its mean is the same
+    float the mask gave.
+    """
+    load = loads(assign, k)
+    order = np.argsort(assign, kind="stable")
+    ds = d[order]
+    del order
+    ends = np.cumsum(load).tolist()
+    means, maxes = [], []
+    lo = 0
+    for hi in ends:
+        mine = ds[lo:hi]
+        means.append(float(mine.mean()) if hi > lo else 0.0)
+        maxes.append(float(mine.max()) if hi > lo else 0.0)
+        lo = hi
+    return load, means, maxes
 
 
 def write_plan(out_dir: str | Path, meters: Meters, assign: np.ndarray,
-               sites: np.ndarray) -> list[Path]:
-    """terminals.csv/.geojson and assignment.csv/.geojson for one placement.
+               sites: np.ndarray, *, geojson: bool = True) -> list[Path]:
+    """terminals.csv and assignment.csv, plus their .geojson twins when ``geojson``.
 
     ``assign[i]`` is meter i's terminal (0-based, written 1-based), ``sites[t]``
-    the meter index where terminal t stands (its medoid).
+    the meter index where terminal t stands (its medoid). Per-meter files are
+    streamed in chunks of WRITE_CHUNK_ROWS rows.
     """
     out = Path(out_dir)
     assign = np.asarray(assign, dtype=np.int64)
     sites = np.asarray(sites, dtype=np.int64)
-    geo = meters.lonlat is not None
-    coord_head = ["x_m", "y_m"] + (["lon", "lat"] if geo else [])
+    ids, xy, lonlat = meters.ids, meters.xy, meters.lonlat
+    coord_head = ["x_m", "y_m"] + (["lon", "lat"] if lonlat is not None else [])
 
-    def coords(i: int) -> list[float]:
-        c = [float(meters.xy[i, 0]), float(meters.xy[i, 1])]
-        if meters.lonlat is not None:
-            c += [float(meters.lonlat[i, 0]), float(meters.lonlat[i, 1])]
-        return c
+    def coord_cols(idx: np.ndarray | slice) -> list[list[float]]:
+        cols = [xy[idx, 0].tolist(), xy[idx, 1].tolist()]
+        if lonlat is not None:
+            cols += [lonlat[idx, 0].tolist(), lonlat[idx, 1].tolist()]
+        return cols
 
-    terms = _terminal_rows(meters, assign, sites)
+    d = np.empty(len(assign))
+    for lo, hi in _spans(len(assign)):  # by chunks: the whole-array temporaries are 56 B/meter
+        d[lo:hi] = np.linalg.norm(xy[lo:hi] - xy[sites[assign[lo:hi]]], axis=1)
+    load, means, maxes = _terminal_stats(assign, d, len(sites))
+    site_ids = [ids[s] for s in sites.tolist()]
+    numbers = list(range(1, len(sites) + 1))
     t_head = ["terminal", "site_meter", *coord_head, "meters", "mean_distance_m",
               "max_distance_m"]
-    t_rows = [[r["terminal"], r["site_meter"], *coords(int(s)), r["meters"],
-               r["mean_distance_m"], r["max_distance_m"]] for r, s in zip(terms, sites,
-                                                                           strict=True)]
-    d = np.linalg.norm(meters.xy - meters.xy[sites][assign], axis=1)
+    t_rows = list(zip(numbers, site_ids, *coord_cols(sites), load.tolist(), means, maxes,
+                      strict=True))
+
+    def a_chunks() -> Iterator[Iterable[Sequence[Any]]]:
+        for lo, hi in _spans(len(ids)):
+            part = assign[lo:hi]
+            yield zip(ids[lo:hi], *coord_cols(slice(lo, hi)), (part + 1).tolist(),
+                      [site_ids[t] for t in part.tolist()], d[lo:hi].tolist(), strict=True)
+
     a_head = ["meter", *coord_head, "terminal", "site_meter", "distance_m"]
-    a_rows = [[meters.ids[i], *coords(i), int(assign[i]) + 1, meters.ids[int(sites[assign[i]])],
-               float(d[i])] for i in range(len(meters.ids))]
-    paths = [_write_text(out / "terminals.csv", _csv_text(t_head, t_rows)),
-             _write_text(out / "assignment.csv", _csv_text(a_head, a_rows))]
-    t_feats = [_point(meters, int(s), r, r["terminal"]) for r, s in zip(terms, sites,
-                                                                         strict=True)]
-    a_feats = [_point(meters, i, {"terminal": int(assign[i]) + 1,
-                                  "site_meter": meters.ids[int(sites[assign[i]])],
-                                  "distance_m": float(d[i])}) for i in range(len(meters.ids))]
-    paths.append(_write_text(out / "terminals.geojson", _feature_collection(meters, t_feats)))
-    paths.append(_write_text(out / "assignment.geojson", _feature_collection(meters, a_feats)))
+    paths = [_write_csv(out / "terminals.csv", t_head, [t_rows]),
+             _write_csv(out / "assignment.csv", a_head, a_chunks())]
+    if not geojson:
+        return paths
+    pts = _coords(meters)
+    t_feats = [_feature(t, x, y, {"terminal": t, "site_meter": s, "meters": m,
+                                  "mean_distance_m": mean, "max_distance_m": mx})
+               for t, s, x, y, m, mean, mx in zip(numbers, site_ids, pts[sites, 0].tolist(),
+                                                  pts[sites, 1].tolist(), load.tolist(),
+                                                  means, maxes, strict=True)]
+
+    def a_feats() -> Iterator[list[dict[str, Any]]]:
+        for lo, hi in _spans(len(ids)):
+            part = assign[lo:hi]
+            yield [_feature(i, x, y, {"terminal": t + 1, "site_meter": site_ids[t],
+                                      "distance_m": dist})
+                   for i, x, y, t, dist in zip(ids[lo:hi], pts[lo:hi, 0].tolist(),
+                                               pts[lo:hi, 1].tolist(), part.tolist(),
+                                               d[lo:hi].tolist(), strict=True)]
+
+    paths.append(_write_features(out / "terminals.geojson", meters, [t_feats]))
+    paths.append(_write_features(out / "assignment.geojson", meters, a_feats()))
     return paths
 
 
@@ -625,5 +737,5 @@ def metres_meters(xy: np.ndarray, *, ids: Sequence[str] | None = None,
                   source: str = "<generated>", crs: str = LOCAL_METRES) -> Meters:
     """Meters from an array already in metres (the generator's output)."""
     pts = np.asarray(xy, dtype=np.float64)
-    names = tuple(ids) if ids is not None else tuple(str(i + 1) for i in range(len(pts)))
+    names = tuple(ids) if ids is not None else NumberedIds(len(pts))
     return Meters(names, pts, crs, source)

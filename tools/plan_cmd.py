@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.placement.place import MAX_ROUNDS, TILED_ABOVE, is_tiled
+from agent.placement.tiling import DEFAULT_TILE_METERS
 from tools.argtypes import nonneg_float, nonneg_int, positive_float, positive_int
 
 # Section 3.1, Figure 5: variance of meters per terminal, and how much lower
@@ -34,11 +36,10 @@ from tools.argtypes import nonneg_float, nonneg_int, positive_float, positive_in
 PAPER_VARIANCE = {"ours": 18.74, "voronoi": 25.74, "grid": 158.58}
 PAPER_LOWER_PCT = {"voronoi": 27.20, "grid": 88.18}
 
-# Above this many meters the whole-area planner gives way to
-# agent.placement.tiling.plan_tiled: plan() holds an n x k matrix (k ~ n / 24)
-# and its capacity repair grows faster still; measured on this 2-core desk,
-# plan() takes 5.8 s at 10 000 clustered meters and 52 s at 20 000.
-TILED_ABOVE = 10_000
+# GeoJSON twins of the plan files with --geojson auto: up to this many meters.
+# A GeoJSON meter is about 210 bytes against a CSV row's 72: at 10^5 meters the
+# GeoJSON files are 67 of the 94 MB written (three schemes), about 0.7 GB at 10^6.
+GEOJSON_AUTO_MAX_METERS = 100_000
 
 # Figure limits: at most this many meters drawn (a seeded sample beyond it),
 # terminal numbers printed up to LABEL_MAX terminals, bars up to BAR_MAX.
@@ -60,14 +61,6 @@ TITLES = {
 
 class PlanCommandError(ValueError):
     """Options or data that make the requested plan impossible, said in one line."""
-
-
-
-
-
-
-
-
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -110,8 +103,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="terminal count N (default: ceil(n (1 + margin) / cap); 13 for 300)")
     g.add_argument("--eps", metavar="M", type=nonneg_float, default=1.0,
                    help="stop when no site moves more than this many metres (eq. 4)")
-    g.add_argument("--max-rounds", metavar="N", type=positive_int, default=100,
-                   help="most rounds of our planner (default 100)")
+    g.add_argument("--max-rounds", metavar="N", type=positive_int, default=MAX_ROUNDS,
+                   help=f"most rounds of our planner, per tile when tiled (default {MAX_ROUNDS})")
     g.add_argument("--grid-m", metavar="M", type=positive_float, default=1000.0,
                    help="grid scheme's cell side in metres (paper: 1000)")
     g.add_argument("--voronoi-rounds", metavar="N", type=positive_int, default=100,
@@ -119,8 +112,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "generators' cells only)")
     g.add_argument("--tiled-above", metavar="N", type=positive_int, default=TILED_ABOVE,
                    help=f"use the tiled planner above this many meters (default {TILED_ABOVE})")
-    g.add_argument("--tile-meters", metavar="N", type=positive_int, default=2000,
-                   help="meters per tile for the tiled planner (default 2000)")
+    g.add_argument("--tile-meters", metavar="N", type=positive_int,
+                   default=DEFAULT_TILE_METERS,
+                   help=f"meters per tile for the tiled planner (default {DEFAULT_TILE_METERS})")
     g.add_argument("--seed", metavar="S", type=nonneg_int, default=0,
                    help="first seed (default 0)")
     g.add_argument("--workers", metavar="N", type=positive_int, default=os.cpu_count() or 1,
@@ -133,6 +127,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--out", metavar="DIR", type=Path, default=Path("out/plan"),
                    help="output folder (default out/plan)")
     g.add_argument("--no-figures", action="store_true", help="skip Figures 4 and 5")
+    g.add_argument("--geojson", choices=("auto", "always", "never"), default="auto",
+                   help="GeoJSON twins of the plan CSVs (auto: up to "
+                        f"{GEOJSON_AUTO_MAX_METERS:,} meters; default auto)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
     return p
@@ -143,13 +140,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 @dataclass
 class SchemeRun:
-    """One scheme on one seed's meters."""
+    """One scheme on one seed's meters; ``layout`` is kept for the first seed only."""
 
     scheme: str
     metrics: Any  # agent.placement.metrics.PlanMetrics
     seconds: float
     rounds: int
-    layout: Any  # tools.placement_baselines.Layout
+    layout: Any  # tools.placement_baselines.Layout, or None past the first seed
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -165,6 +162,8 @@ class Outcome:
     tiled: bool
     setting: str
     cap: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of the other stages
+    notes: list[str] = field(default_factory=list)  # what was left out of the files, and why
 
 
 def run(args: argparse.Namespace) -> int:
@@ -216,26 +215,39 @@ def _terminal_count(args: argparse.Namespace, meters: Any, tiled: bool) -> int:
     return k
 
 
+def skipped_schemes(n: int, no_extras: bool) -> dict[str, str]:
+    """The schemes not run on n meters, each with why (said in the table and the report)."""
+    from tools import placement_baselines as pb
+
+    skipped: dict[str, str] = {}
+    if n > pb.BASELINE_MAX_METERS:
+        skipped["voronoi"] = (f"over {pb.BASELINE_MAX_METERS:,} meters (its rounds of "
+                              "nearest-generator search and medoids grow past the planner's "
+                              "own time)")
+        skipped["grid"] = (f"over {pb.BASELINE_MAX_METERS:,} meters (medoids cost the square "
+                           "of the meters per cell)")
+    if no_extras:
+        skipped.update(kmeans="--no-extras", fasterpam="--no-extras")
+    else:
+        if n > pb.KMEANS_MAX_METERS:
+            skipped["kmeans"] = f"over {pb.KMEANS_MAX_METERS:,} meters (n k work per iteration)"
+        if n > pb.FASTERPAM_MAX_METERS:
+            skipped["fasterpam"] = f"over {pb.FASTERPAM_MAX_METERS:,} meters (n x n matrix)"
+    return skipped
+
+
 def compute(args: argparse.Namespace) -> Outcome:
-    """Run every scheme on every seed."""
+    """Run every scheme on every seed; layouts are kept for the first seed only."""
     from tqdm import tqdm
 
-    from tools.placement_baselines import FASTERPAM_MAX_METERS, KMEANS_MAX_METERS
-
     seeds = list(range(args.seed, args.seed + args.seeds))
+    t0 = time.perf_counter()
     first = _load(args, seeds[0])
+    timings = {"load_s": time.perf_counter() - t0}
     n = len(first.ids)
-    tiled = n > args.tiled_above
-    schemes = list(SCHEMES if not args.no_extras else SCHEMES[:3])
-    skipped: dict[str, str] = {}
-    if args.no_extras:
-        skipped.update(kmeans="--no-extras", fasterpam="--no-extras")
-    if "kmeans" in schemes and n > KMEANS_MAX_METERS:
-        schemes.remove("kmeans")
-        skipped["kmeans"] = f"over {KMEANS_MAX_METERS} meters (n k work per iteration)"
-    if "fasterpam" in schemes and n > FASTERPAM_MAX_METERS:
-        schemes.remove("fasterpam")
-        skipped["fasterpam"] = f"over {FASTERPAM_MAX_METERS} meters (n x n matrix)"
+    tiled = is_tiled(n, args.tiled_above)
+    skipped = skipped_schemes(n, args.no_extras)
+    schemes = [s for s in SCHEMES if s not in skipped]
     _warm_imports(schemes)  # so the times below measure the work, not the imports
     long_run = len(seeds) > 1 or tiled
     runs: dict[str, list[SchemeRun]] = {s: [] for s in schemes}
@@ -248,17 +260,20 @@ def compute(args: argparse.Namespace) -> Outcome:
             for scheme in schemes:  # ours first: the others get its terminal count
                 bar.set_postfix_str(f"seed {seed}, {scheme}")
                 done = _run_scheme(scheme, args, meters.xy, k, seed, tiled, bar)
-                runs[scheme].append(done)
                 if scheme == "ours":
                     k = done.layout.terminals
+                if seed != seeds[0]:
+                    done.layout = None  # only the first seed's files and figures are made
+                runs[scheme].append(done)
                 bar.update()
+            del meters
     if args.input is None:
         setting = (f"generated {args.generate} layout: {n} meters in "
                    f"{args.width_m / 1000:g} km x {args.height_m / 1000:g} km")
     else:
         setting = f"{first.source}: {n} meters, {first.crs}"
     return Outcome(first, seeds, len(runs["ours"][0].layout.centres), runs, skipped, tiled,
-                   setting, args.cap)
+                   setting, args.cap, timings)
 
 
 def _warm_imports(schemes: Sequence[str]) -> None:
@@ -278,64 +293,61 @@ def _run_scheme(scheme: str, args: argparse.Namespace, pts: np.ndarray, k: int, 
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     if scheme == "ours":
-        p = _plan_ours(args, pts, k, seed, tiled, bar)
+        p = _plan_ours(args, pts, None if tiled else k, seed, bar)
         layout = pb.Layout("ours", p.assign, p.centres, p.sites, rounds=p.rounds)
         info = {"converged": p.converged, "repair_moves": p.repair_moves,
                 "repair_cost_m": p.repair_cost_m}
+        del p
+    elif scheme == "voronoi":
+        layout = pb.voronoi_scheme(pts, k, seed=seed, rounds=args.voronoi_rounds)
+    elif scheme == "grid":
+        origin = (0.0, 0.0) if args.input is None else None
+        layout = pb.grid_scheme(pts, cell_m=args.grid_m, origin=origin)
+    elif scheme == "kmeans":
+        layout = pb.kmeans_layout(pts, k, seed=seed)
     else:
-        if scheme == "voronoi":
-            layout = pb.voronoi_scheme(pts, k, seed=seed, rounds=args.voronoi_rounds)
-        elif scheme == "grid":
-            origin = (0.0, 0.0) if args.input is None else None
-            layout = pb.grid_scheme(pts, cell_m=args.grid_m, origin=origin)
-        elif scheme == "kmeans":
-            layout = pb.kmeans_layout(pts, k, seed=seed)
-        else:
-            layout = pb.fasterpam_layout(pts, k, seed=seed)
+        layout = pb.fasterpam_layout(pts, k, seed=seed)
     seconds = time.perf_counter() - t0
     metrics = plan_metrics(pts, layout.assign, layout.centres, args.cap)
     return SchemeRun(scheme, metrics, seconds, layout.rounds, layout, info)
 
 
-def _plan_ours(args: argparse.Namespace, pts: np.ndarray, k: int, seed: int, tiled: bool,
+def _plan_ours(args: argparse.Namespace, pts: np.ndarray, k: int | None, seed: int,
                bar: Any) -> Any:
-    try:
-        if not tiled:
-            from agent.placement.plan import plan
-
-            return plan(pts, cap=args.cap, k=k, margin=args.margin, seed=seed, eps=args.eps,
-                        max_rounds=args.max_rounds)
-        return _plan_tiled(args, pts, seed, bar)
-    except ValueError as exc:
-        raise PlanCommandError(f"planner: {exc}") from None
-
-
-def _plan_tiled(args: argparse.Namespace, pts: np.ndarray, seed: int, bar: Any) -> Any:
-    """plan_tiled with a tile progress bar, over a process pool when --workers > 1."""
+    """``place`` (the one planner entry) with a tile progress bar and, when tiled with
+    --workers > 1, a process pool."""
     import multiprocessing
 
     from tqdm import tqdm
 
-    from agent.placement.tiling import plan_tiled
+    from agent.placement import place as placement
 
     # No tqdm monitor thread: the pool forks, and a fork taken while another thread holds a
     # lock can leave a worker waiting on it for ever (seen once in the test suite).
     tqdm.monitor_interval = 0
-    with tqdm(desc=f"ours, seed {seed}: tiles", unit="tile", leave=False, file=sys.stderr,
-              disable=bar.disable, position=1) as tiles:
+    tiled = is_tiled(len(pts), args.tiled_above)
+    with contextlib.ExitStack() as stack:
+        tiles = stack.enter_context(tqdm(desc=f"ours, seed {seed}: tiles", unit="tile",
+                                         leave=False, file=sys.stderr,
+                                         disable=bar.disable or not tiled, position=1))
+
         def progress(done: int, total: int) -> None:
             if tiles.total != total:
                 tiles.total = total
             tiles.update(done - tiles.n)
 
-        kw = {"cap": args.cap, "margin": args.margin, "seed": seed, "eps": args.eps,
-              "max_rounds": args.max_rounds, "tile_meters": args.tile_meters,
-              "progress": progress}
-        if args.workers <= 1:
-            return plan_tiled(pts, **kw)
-        # fork: the children inherit the loaded modules and need no __main__ guard.
-        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-            return plan_tiled(pts, **kw, map_tiles=lambda f, jobs: pool.imap(f, jobs))
+        map_tiles = None
+        if tiled and args.workers > 1:
+            # fork: the children inherit the loaded modules and need no __main__ guard.
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(args.workers))
+            map_tiles = pool.imap
+        try:
+            return placement.place(pts, cap=args.cap, margin=args.margin, seed=seed, k=k,
+                                   eps=args.eps, max_rounds=args.max_rounds,
+                                   tiled_above=args.tiled_above, tile_meters=args.tile_meters,
+                                   progress=progress, map_tiles=map_tiles)
+        except ValueError as exc:
+            raise PlanCommandError(f"planner: {exc}") from None
 
 
 # ---------------------------------------------------------------- summaries
@@ -409,6 +421,7 @@ def metrics_table(outcome: Outcome) -> str:
             f"{v:.2f} % than {s} (paper: {PAPER_LOWER_PCT[s]:.2f} %)" for s, v in low.items()))
     for s, why in outcome.skipped.items():
         lines.append(f"{s}: skipped ({why})")
+    lines += outcome.notes
     return "\n".join(lines)
 
 
@@ -431,7 +444,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--eps", f"{args.eps:g}", "--max-rounds", str(args.max_rounds),
               "--grid-m", f"{args.grid_m:g}", "--voronoi-rounds", str(args.voronoi_rounds),
               "--tiled-above", str(args.tiled_above), "--tile-meters", str(args.tile_meters),
-              "--seed", str(args.seed), "--seeds", str(args.seeds), "--out", str(args.out)]
+              "--seed", str(args.seed), "--seeds", str(args.seeds), "--out", str(args.out),
+              "--geojson", args.geojson]
     if args.no_extras:
         parts.append("--no-extras")
     return " ".join(shlex.quote(p) for p in parts)
@@ -440,32 +454,66 @@ def command_line(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------- output files
 
 
+def geojson_choice(mode: str, n: int) -> tuple[bool, str | None]:
+    """Whether to write the GeoJSON twins, and the sentence saying so when they are left out."""
+    if mode == "always" or (mode == "auto" and n <= GEOJSON_AUTO_MAX_METERS):
+        return True, None
+    if mode == "never":
+        return False, "GeoJSON files left out (--geojson never); the CSVs hold the same plan"
+    return False, (f"GeoJSON files left out: {n:,} meters is over {GEOJSON_AUTO_MAX_METERS:,} "
+                   "(--geojson auto); the CSVs hold the same plan, --geojson always writes "
+                   "them")
+
+
 def write_outputs(args: argparse.Namespace, outcome: Outcome) -> list[Path]:
-    """Plans (first seed) as CSV/GeoJSON, the figures, report.md and metrics.json."""
+    """Plans (first seed) as CSV (GeoJSON per --geojson), the figures, report.md, metrics.json.
+
+    metrics.json carries each stage's seconds (``timings``) so ``edgekey bench
+    plan`` can tell the planner's time from the rest.
+    """
     from tools import placement_io as pio
 
     out: Path = args.out
+    t0 = time.perf_counter()
+    geojson, note = geojson_choice(args.geojson, len(outcome.meters.ids))
+    if note is not None:
+        outcome.notes.append(note)
     paths = [pio.write_meters_csv(out / "meters.csv", outcome.meters)]
     for scheme in FIGURE_SCHEMES:
+        if scheme not in outcome.runs:
+            continue  # skipped: said in the table and the report
         # Terminals numbered as in the figures: left to right, top to bottom.
         lay = outcome.runs[scheme][0].layout
         number = layout_numbers(lay, args.grid_m)
         sites = np.empty_like(lay.sites)
         sites[number - 1] = lay.sites
-        paths += pio.write_plan(out / scheme, outcome.meters, number[lay.assign] - 1, sites)
+        paths += pio.write_plan(out / scheme, outcome.meters, (number - 1)[lay.assign], sites,
+                                geojson=geojson)
+        del number, sites
+    outcome.timings["outputs_s"] = time.perf_counter() - t0
     figures: list[Path] = []
     if not args.no_figures:
+        t0 = time.perf_counter()
         figures = [figure4(out / "figure4.png", outcome, args),
                    figure5(out / "figure5.png", outcome, args)]
+        outcome.timings["figures_s"] = time.perf_counter() - t0
     paths += figures
     rows = summary(outcome)
-    meta = {"setting": outcome.setting, "seeds": outcome.seeds, "cap": args.cap,
+    ours_s = [r.seconds for r in outcome.runs["ours"]]
+    meta = {"setting": outcome.setting, "meters": len(outcome.meters.ids),
+            "seeds": outcome.seeds, "cap": args.cap,
             "margin": args.margin, "terminals": outcome.terminals, "tiled": outcome.tiled,
+            "tiled_above": args.tiled_above, "max_rounds": args.max_rounds,
+            "tile_meters": args.tile_meters, "workers": args.workers,
             "grid_m": args.grid_m, "voronoi_rounds": args.voronoi_rounds,
             "paper_variance": PAPER_VARIANCE, "paper_lower_pct": PAPER_LOWER_PCT,
             "ours_lower_pct": lower_pct(rows), "skipped": outcome.skipped,
-            "ours_runs": [r.info | {"seed": s, "rounds": r.rounds} for s, r in
-                          zip(outcome.seeds, outcome.runs["ours"], strict=True)],
+            "geojson": geojson, "notes": outcome.notes,
+            "timings": {**outcome.timings, "planner_s": sum(ours_s),
+                        "schemes_s": {s: [r.seconds for r in runs]
+                                      for s, runs in outcome.runs.items()}},
+            "ours_runs": [r.info | {"seed": s, "rounds": r.rounds, "seconds": r.seconds}
+                          for s, r in zip(outcome.seeds, outcome.runs["ours"], strict=True)],
             "schemes": rows}
     out.mkdir(parents=True, exist_ok=True)
     mj = out / "metrics.json"
@@ -510,6 +558,7 @@ def report_markdown(args: argparse.Namespace, outcome: Outcome, rows: list[dict[
                      f"(**paper**: {PAPER_LOWER_PCT[s]:.2f} % lower).")
     for s, why in outcome.skipped.items():
         lines.append(f"- {TITLES[s]}: skipped, {why}.")
+    lines += [f"- {note}." for note in outcome.notes]
     ours = outcome.runs["ours"]
     lines += [
         f"- Ours: converged (eq. 4, eps {args.eps:g} m) in "
@@ -605,10 +654,10 @@ def figure4(path: Path, outcome: Outcome, args: argparse.Namespace) -> Path:
     from matplotlib.lines import Line2D
 
     xy = outcome.meters.xy
-    km = xy / 1000.0
     shown = _sample(len(xy), outcome.seeds[0])
+    km = xy[shown] / 1000.0  # the drawn sample only: no full-size copy
     size = 9 if len(shown) <= 2000 else 1
-    lo, hi = km.min(axis=0), km.max(axis=0)
+    lo, hi = xy.min(axis=0) / 1000.0, xy.max(axis=0) / 1000.0
     pad = 0.04 * max(float((hi - lo).max()), 1e-3)
     fig, axes = plt.subplots(2, 2, figsize=(12, 13.5), constrained_layout=True)
     panels = [("(a) meters", None), *[(f"({c}) {TITLES[s]}", s) for c, s in
@@ -620,13 +669,16 @@ def figure4(path: Path, outcome: Outcome, args: argparse.Namespace) -> Path:
         ax.set_xlabel("x (km)")
         ax.set_ylabel("y (km)")
         if scheme is None:
-            ax.scatter(km[shown, 0], km[shown, 1], s=size, c="0.2", linewidths=0)
+            ax.scatter(km[:, 0], km[:, 1], s=size, c="0.2", linewidths=0)
             ax.set_title(f"{title}: {len(xy)} meters", fontsize=11)
+            continue
+        if scheme not in outcome.runs:
+            _skipped_panel(ax, title, outcome.skipped.get(scheme, ""))
             continue
         lay = outcome.runs[scheme][0].layout
         number = layout_numbers(lay, args.grid_m)
         colours = np.array(_palette(int(number.max()) if len(number) else 0))
-        ax.scatter(km[shown, 0], km[shown, 1], s=size, linewidths=0,
+        ax.scatter(km[:, 0], km[:, 1], s=size, linewidths=0,
                    c=colours[number[lay.assign[shown]] - 1])
         if scheme == "voronoi" and lay.generators is not None and len(lay.generators) <= EDGES_MAX:
             _draw_voronoi(ax, lay.generators / 1000.0)
@@ -663,6 +715,13 @@ def figure4(path: Path, outcome: Outcome, args: argparse.Namespace) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _skipped_panel(ax: Any, title: str, why: str) -> None:
+    """A panel that says the scheme was not run, so the figure keeps the paper's layout."""
+    ax.text(0.5, 0.5, f"skipped:\n{why}", transform=ax.transAxes, ha="center", va="center",
+            fontsize=10, wrap=True)
+    ax.set_title(title, fontsize=11)
 
 
 def _draw_voronoi(ax: Any, gens: np.ndarray) -> None:
@@ -705,11 +764,14 @@ def figure5(path: Path, outcome: Outcome, args: argparse.Namespace) -> Path:
 
     from agent.placement.metrics import loads
 
-    lays = [outcome.runs[s][0].layout for s in FIGURE_SCHEMES]
-    bars = max(lay.terminals for lay in lays) <= BAR_MAX
+    lays = [outcome.runs[s][0].layout if s in outcome.runs else None for s in FIGURE_SCHEMES]
+    bars = max(lay.terminals for lay in lays if lay is not None) <= BAR_MAX
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2), sharey=bars, constrained_layout=True)
     top = 0
     for ax, letter, scheme, lay in zip(axes, "abc", FIGURE_SCHEMES, lays, strict=True):
+        if lay is None:
+            _skipped_panel(ax, f"({letter}) {TITLES[scheme]}", outcome.skipped.get(scheme, ""))
+            continue
         count = loads(lay.assign, lay.terminals)
         top = max(top, int(count.max()))
         cap_label, mean_label = f"cap {args.cap} (binds ours only)", f"mean {count.mean():.2f}"
