@@ -91,6 +91,22 @@ def check_cap(cap: object) -> int:
     return require_int("cap", cap, min=1)
 
 
+def check_assignment(points: object, centres: object, cap: object,
+                     what: str = "centre") -> tuple[np.ndarray, np.ndarray, int]:
+    """(points, centres, cap) checked for an assignment: at least one ``what``, room
+    for every meter; a one-line ValueError otherwise."""
+    pts = as_points(points)
+    ctr = as_points(centres, f"{what}s")
+    cap = check_cap(cap)
+    n, k = len(pts), len(ctr)
+    if k < 1:
+        raise ValueError(f"there must be at least one {what}")
+    if n > k * cap:
+        raise ValueError(f"infeasible: {n} meters but {k} {what}s x cap {cap} = "
+                         f"{k * cap} places")
+    return pts, ctr, cap
+
+
 def assign_capacitated(points: object, centres: object, cap: int, *,
                        prices: np.ndarray | None = None) -> tuple[np.ndarray, Repair]:
     """The assignment of meters to centres with least total distance and no centre over ``cap``.
@@ -102,15 +118,8 @@ def assign_capacitated(points: object, centres: object, cap: int, *,
     Memory is O(n k): the meter-centre distance matrix. Empty ``points`` give
     an empty assignment.
     """
-    pts = as_points(points)
-    ctr = as_points(centres, "centres")
-    cap = check_cap(cap)
+    pts, ctr, cap = check_assignment(points, centres, cap)
     n, k = len(pts), len(ctr)
-    if k < 1:
-        raise ValueError("there must be at least one centre")
-    if n > k * cap:
-        raise ValueError(f"infeasible: {n} meters but {k} centres x cap {cap} = "
-                         f"{k * cap} places")
     p = np.zeros(k)
     if prices is not None:
         p = np.asarray(prices, dtype=np.float64)

@@ -42,6 +42,7 @@ from agent.placement.capacity import (
     assign_bounded,
     assign_capacitated,
     assign_from_distances,
+    check_assignment,
     check_cap,
 )
 from agent.placement.geometry import as_points, distances, medoid_index
@@ -271,14 +272,8 @@ def assign_to_sites(points: object, sites: object, cap: int = DEFAULT_CAP) -> np
     """The plan's objective with the sites fixed (the boxes stand where they stand):
     capacity hard, the lower bound ``default_min_load``, then least total distance.
     What an area re-plan assigns (tools/station_place.py)."""
-    pts = as_points(points)
-    ctr = as_points(sites, "sites")
-    cap = check_cap(cap)
+    pts, ctr, cap = check_assignment(points, sites, cap, "site")
     n, k = len(pts), len(ctr)
-    if k < 1:
-        raise ValueError("there must be at least one site")
-    if n > k * cap:
-        raise ValueError(f"infeasible: {n} meters but {k} sites x cap {cap} = {k * cap} places")
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     assign, _ = _assign(distances(pts, ctr), cap, default_min_load(n, k))
