@@ -150,3 +150,20 @@ def test_a_good_file_reads_back_exactly(tmp_path: Path) -> None:
     got_ids, got = grids.read(tmp_path / "g.csv")
     assert got_ids == ids
     np.testing.assert_array_equal(got, np.round(xy, 2))
+
+
+def test_edgekey_bench_balance_writes_the_table_json_and_plot(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    import json
+
+    from tools.cli import main
+
+    out, png = tmp_path / "balance.json", tmp_path / "balance.png"
+    assert main(["bench", "balance", "--seeds", "1", "--layouts", "ieee-eu-lv",
+                 "--out", str(out), "--png", str(png)]) == 0
+    assert "ieee-eu-lv" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    ours = result["layouts"]["ieee-eu-lv"]["results"]["ours"]["runs"][0]
+    assert ours["capacity_violations"] == 0 and ours["max_load"] <= 25
+    assert png.stat().st_size > 0

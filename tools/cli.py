@@ -83,6 +83,15 @@ def _bench_plan(args: argparse.Namespace) -> int:
     return _emit(result, bench_plan.rows(result), "edgekey bench plan", args.out)
 
 
+def _bench_balance(args: argparse.Namespace) -> int:
+    from tools import bench_balance
+
+    argv = ["--seeds", str(args.seeds), "--out", args.out, "--png", args.png]
+    if args.layouts:
+        argv += ["--layouts", args.layouts]
+    return bench_balance.main(argv)
+
+
 def _bench_rehome(args: argparse.Namespace) -> int:
     from tools import bench_rehome
 
@@ -240,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--limit-s", type=float, default=900.0, help="time limit of one run")
     pl.add_argument("--out", default="bench/results/placement.json")
     pl.set_defaults(handler=_bench_placement)
+
+    bb = bench.add_parser("balance", help="balance and distance of the planner beside "
+                                          "k-means-constrained and KMeans + medoid, on uniform, "
+                                          "clustered and real distribution grids")
+    bb.add_argument("--seeds", type=int, default=10)
+    bb.add_argument("--layouts", default="", help="comma-separated subset (default: all)")
+    bb.add_argument("--out", default="bench/results/balance.json")
+    bb.add_argument("--png", default="docs/placement-balance.png")
+    bb.set_defaults(handler=_bench_balance)
 
     bp = bench.add_parser("plan", help="the whole `edgekey plan` command at scale: wall time, "
                                        "the planner's share, peak RSS, per worker count")
