@@ -420,7 +420,7 @@ def _one_string_plan(m: pio.Meters, assign: np.ndarray, sites: np.ndarray) -> di
         return json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n"
 
     d = np.linalg.norm(m.xy - m.xy[sites][assign], axis=1)
-    load = np.bincount(assign, minlength=len(sites))
+    load = np.bincount(np.asarray(assign, dtype=np.intp), minlength=len(sites))
     terms = []
     for t, s in enumerate(sites):
         mine = d[assign == t]
