@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.placement.metrics import plan_metrics
 from agent.placement.place import place
 from agent.placement.rehome import Migrate, Placement, ReplanNeeded
 from tools.report import peak_rss_mib, quantile
@@ -57,12 +58,11 @@ def balance(scenario: str, seed: int) -> dict[str, float]:
     now = pl.metrics()
     fresh_pts = np.array([where[m] for m in present])
     fresh = place(fresh_pts, cap=CAP, seed=seed, k=pl.terminals)
-    fresh_load = np.bincount(fresh.assign, minlength=pl.terminals)
-    return {"variance": now.load_variance, "fresh_variance": float(fresh_load.var()),
+    then = plan_metrics(fresh_pts, fresh.assign, fresh.centres, cap=CAP)
+    return {"variance": now.load_variance, "fresh_variance": then.load_variance,
             "mean_distance_m": now.mean_distance_m,
-            "fresh_mean_distance_m": float(np.linalg.norm(
-                fresh_pts - fresh.centres[fresh.assign], axis=1).mean()),
-            "min_load": now.min_load, "fresh_min_load": int(fresh_load.min()),
+            "fresh_mean_distance_m": then.mean_distance_m,
+            "min_load": now.min_load, "fresh_min_load": then.min_load,
             "migrations": migrations, "replans": replans}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from agent.placement.geometry import as_points
 from agent.placement.plan import BALANCED, DEFAULT_CAP, DEFAULT_MARGIN, Plan, plan
 from agent.placement.tiling import DEFAULT_TILE_METERS, TileJob, plan_tiled
 
@@ -41,8 +42,6 @@ def place(points: object, *, cap: int = DEFAULT_CAP, margin: float = DEFAULT_MAR
     meters; default ``terminals_needed``). ``progress`` and
     ``map_tiles`` are ``plan_tiled``'s (ignored for a whole-area plan).
     """
-    from agent.placement.geometry import as_points
-
     pts = as_points(points)
     if is_tiled(len(pts), tiled_above):
         return plan_tiled(pts, cap=cap, margin=margin, seed=seed, k=k, eps=eps,
