@@ -345,18 +345,19 @@ class SupervisedWatch:
         events = result.get("events", [])
         with self._lock:
             floor = self._next_revision
-        top = 0
         for item in events:
             event = _event(item)
             if event.mod_revision < floor:  # already delivered (cannot happen; never repeat)
                 continue
+            # The position moves before the event is queued, so a caller that has polled
+            # an event never reads an older ``revision``. Nothing is lost by it: only this
+            # thread reconnects from the position, and it queues the event first.
+            with self._lock:
+                if self._generation == generation and event.mod_revision >= self._next_revision:
+                    self._next_revision = event.mod_revision + 1
             self._deliver(generation, event)
-            top = max(top, event.mod_revision)
         # A progress notification (no events) only proves the stream is alive:
         # its revision does not move the position (module docstring).
-        with self._lock:
-            if self._generation == generation and top >= self._next_revision:
-                self._next_revision = top + 1
         return "created" if result.get("created") else None
 
     def _deliver(self, generation: int, item: WatchItem) -> None:
